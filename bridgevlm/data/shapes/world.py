@@ -1,0 +1,210 @@
+"""Generate the Shapes world on disk: images, captions, instructions and evaluation files.
+
+Layout of a world directory (every JSON file uses the community formats, so the loaders that
+read it are the ones that read real LLaVA / COCO-style data):
+
+    world.json                     seed, families (held-in / held-out), templates, splits, counts
+    scenes/{split}.json            scene graphs with their short and detailed captions
+    images/{split}/{id}.png
+    captions/{split}.json          LLaVA pre-training form: <image> + caption
+    instruct/{split}.json          LLaVA conversation form, held-in families, several turns per image
+    eval/{split}/{family}.json     one question per scene and family: question, answer, candidates
+    eval/{split}/classify.json     single-object scenes labelled with their colour+shape class
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .families import FAMILIES, HELD_IN, HELD_OUT, ask
+from .render import render_scene
+from .scene import COLOURS, SHAPES, Scene, detailed_caption, sample_scene, short_caption
+
+SPLITS = ("train", "val", "test")
+CAPTION_PROMPTS = (
+    "Describe the image.", "What is in this picture?", "Give a short description of the image.",
+    "Describe what you see.", "Summarise the picture.",
+)
+
+
+@dataclass
+class WorldConfig:
+    seed: int = 0
+    scenes: int = 2000
+    image_size: int = 96
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    text_probability: float = 0.35
+    turns_per_image: int = 6  # questions packed into one instruction conversation
+
+
+def split_sizes(cfg: WorldConfig) -> dict[str, int]:
+    val = max(1, round(cfg.scenes * cfg.val_fraction))
+    test = max(1, round(cfg.scenes * cfg.test_fraction))
+    train = cfg.scenes - val - test
+    if train < 1:
+        raise ValueError(f"world too small: {cfg.scenes} scenes leave no training scenes")
+    return {"train": train, "val": val, "test": test}
+
+
+def sample_scenes(cfg: WorldConfig) -> list[Scene]:
+    """All scenes of the world, unique by content, so no split shares a scene with another."""
+    rng = np.random.default_rng([cfg.seed, 0])
+    seen: set = set()
+    scenes = []
+    for split, count in split_sizes(cfg).items():
+        for index in range(count):
+            for _ in range(1000):
+                scene = sample_scene(rng, f"{split}_{index:06d}", split, cfg.text_probability)
+                if scene.key() not in seen:
+                    break
+            else:
+                raise ValueError(f"cannot draw {cfg.scenes} distinct scenes; ask for fewer")
+            seen.add(scene.key())
+            scenes.append(scene)
+    return scenes
+
+
+def conversation(scene: Scene, rng: np.random.Generator, families, turns: int, context: str) -> list[dict]:
+    """A multi-turn conversation about one scene; `context` opens the first human turn
+    ('<image>' for the vision-language model, the scene's text for the language model)."""
+    messages: list[dict] = []
+    while len(messages) < 2 * turns:
+        question = ask(families[rng.integers(len(families))], scene, rng)
+        if question is None:
+            continue
+        for q, a in question.turns:
+            messages.append({"from": "human", "value": q})
+            messages.append({"from": "gpt", "value": a})
+    messages[0]["value"] = f"{context}\n{messages[0]['value']}"
+    return messages
+
+
+def eval_items(scene: Scene, rng: np.random.Generator, image: str) -> dict[str, list[dict]]:
+    """One question per family about `scene`; a dialogue yields one item per turn, with the earlier
+    turns (and their true answers) as context."""
+    items: dict[str, list[dict]] = {}
+    for family in FAMILIES:
+        question = ask(family, scene, rng)
+        if question is None:
+            continue
+        for turn, (q, a) in enumerate(question.turns):
+            context = [{"from": role, "value": text} for pq, pa in question.turns[:turn] for role, text in (("human", pq), ("gpt", pa))]
+            item = {"id": f"{scene.id}_{family}_{turn}", "scene_id": scene.id, "image": image, "family": family,
+                    "question": q, "answer": a}
+            if question.candidates:
+                item["candidates"] = list(question.candidates)
+            if context:
+                item["context"] = context
+            items.setdefault(family, []).append(item)
+    return items
+
+
+def text_conversations(seed: int, num_scenes: int, exclude: set, turns: int, text_probability: float = 0.35,
+                       describe_probability: float = 0.2):
+    """Scenes-as-text conversations covering *every* family, held-out ones included, for
+    pretraining the embedded language model. The scene's description opens the first user turn,
+    where the image will stand later; some conversations also ask for the description itself, so
+    the model learns to produce captions. Scenes in `exclude` (the world's val/test keys) are
+    never used, so text-QA evaluation on test scenes stays honest."""
+    rng = np.random.default_rng([seed, 1])
+    families = tuple(FAMILIES)
+    records = []
+    while len(records) < num_scenes:
+        scene = sample_scene(rng, f"text_{len(records):07d}", "train", text_probability)
+        if scene.key() in exclude:
+            continue
+        messages = conversation(scene, rng, families, turns, detailed_caption(scene))
+        if rng.random() < describe_probability:
+            prompt = CAPTION_PROMPTS[rng.integers(len(CAPTION_PROMPTS))]
+            messages += [{"from": "human", "value": prompt}, {"from": "gpt", "value": detailed_caption(scene)}]
+        records.append({"id": scene.id, "conversations": messages})
+    return records
+
+
+def scene_keys(world_dir: str | Path, splits=("val", "test")) -> set:
+    """Content keys of a world's scenes, to keep them out of any training corpus."""
+    keys = set()
+    for split in splits:
+        path = Path(world_dir) / "scenes" / f"{split}.json"
+        keys |= {Scene.from_json(r).key() for r in json.loads(path.read_text(encoding="utf-8"))}
+    return keys
+
+
+def write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def world_description(cfg: WorldConfig, counts: dict[str, int]) -> dict:
+    return {
+        "name": "shapes",
+        "config": vars(cfg).copy(),
+        "splits": counts,
+        "held_in": list(HELD_IN),
+        "held_out": list(HELD_OUT),
+        "classes": [f"{c} {s}" for c in COLOURS for s in SHAPES],
+        "families": {
+            name: {
+                "description": fam.description,
+                "held_out": name in HELD_OUT,
+                "templates": list(fam.templates),
+                **({"follow_up_templates": [list(t) for t in fam.follow_ups]} if fam.follow_ups else {}),
+            }
+            for name, fam in FAMILIES.items()
+        },
+    }
+
+
+def build_world(out: str | Path, cfg: WorldConfig, progress: bool = True) -> Path:
+    """Write the whole world under `out`. Same config, same bytes."""
+    out = Path(out)
+    scenes = sample_scenes(cfg)
+    rng = np.random.default_rng([cfg.seed, 2])
+    by_split: dict[str, list[Scene]] = {s: [sc for sc in scenes if sc.split == s] for s in SPLITS}
+    for split, split_scenes in by_split.items():
+        image_dir = out / "images" / split
+        image_dir.mkdir(parents=True, exist_ok=True)
+        captions, instruct, scene_records = [], [], []
+        evals: dict[str, list[dict]] = {}
+        for scene in tqdm(split_scenes, desc=f"world {split}", disable=not progress, leave=False):
+            image = f"{split}/{scene.id}.png"
+            render_scene(scene, cfg.image_size).save(out / "images" / image, optimize=False, compress_level=6)
+            record = scene.to_json()
+            record.update(image=image, short_caption=short_caption(scene), detailed_caption=detailed_caption(scene))
+            scene_records.append(record)
+            prompt = CAPTION_PROMPTS[rng.integers(len(CAPTION_PROMPTS))]
+            captions.append({"id": scene.id, "image": image, "conversations": [
+                {"from": "human", "value": f"<image>\n{prompt}"},
+                {"from": "gpt", "value": detailed_caption(scene)},
+            ]})
+            instruct.append({"id": scene.id, "image": image,
+                             "conversations": conversation(scene, rng, HELD_IN, cfg.turns_per_image, "<image>")})
+            if split != "train":
+                for family, items in eval_items(scene, rng, image).items():
+                    evals.setdefault(family, []).extend(items)
+                if len(scene.objects) == 1 and scene.text is None:
+                    obj = scene.objects[0]
+                    evals.setdefault("classify", []).append(
+                        {"id": scene.id, "image": image, "label": f"{obj.colour} {obj.shape}"})
+        write_json(out / "scenes" / f"{split}.json", scene_records)
+        write_json(out / "captions" / f"{split}.json", captions)
+        write_json(out / "instruct" / f"{split}.json", instruct)
+        for family, items in evals.items():
+            write_json(out / "eval" / split / f"{family}.json", items)
+    write_json(out / "world.json", world_description(cfg, {s: len(v) for s, v in by_split.items()}))
+    return out
+
+
+def load_world_description(world_dir: str | Path) -> dict:
+    path = Path(world_dir) / "world.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {world_dir} a world made by `bridgevlm world`?")
+    return json.loads(path.read_text(encoding="utf-8"))

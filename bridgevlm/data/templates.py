@@ -1,0 +1,156 @@
+"""Conversation templates, and token ids + labels built by tokenising segments.
+
+LLaVA derives its label masks by length arithmetic over a re-tokenised prompt, which silently
+zeroes the loss when the tokenizer merges across a boundary. Here the token sequence *is* the
+concatenation of separately tokenised segments, each marked supervised or not, so labels can never
+disagree with the ids. Training and generation render prompts with the same segments.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+IGNORE_INDEX = -100
+IMAGE_TAG = "<image>"
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the user's questions."
+)
+
+
+class ConversationError(ValueError):
+    """A conversation that cannot be turned into a training sample; the message names the sample."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    text: str
+    supervised: bool
+    eos: bool = False  # append the tokenizer's end-of-sequence id after the text (supervised with it)
+
+
+@dataclass(frozen=True)
+class ConversationTemplate:
+    """A role-prefixed chat format such as vicuna_v1:
+
+        {system} USER: {q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>
+
+    `plain` keeps only the image of the first user turn and supervises the reply (LLaVA's
+    feature-alignment format).
+    """
+
+    name: str
+    system: str = ""
+    system_sep: str = " "
+    user: str = "USER: "
+    assistant: str = "ASSISTANT:"
+    user_sep: str = " "
+    answer_prefix: str = " "
+    plain: bool = False
+
+    def segments(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> list[Segment]:
+        """Render messages ({'from': 'human'|'gpt', 'value'}) as segments. With
+        `add_generation_prompt`, the last message must be a user turn and the result ends where
+        the assistant's reply begins."""
+        turns = _normalise(messages)
+        if self.plain:
+            return self._plain_segments(turns, add_generation_prompt)
+        segments: list[Segment] = []
+        prefix = self.system + self.system_sep if self.system else ""
+        for role, text in turns:
+            if role == "human":
+                segments.append(Segment(prefix + self.user + text + self.user_sep + self.assistant, False))
+                prefix = ""
+            else:
+                segments.append(Segment(self.answer_prefix + text, True, eos=True))
+        if add_generation_prompt and (not turns or turns[-1][0] != "human"):
+            raise ConversationError("a generation prompt needs the conversation to end with a user turn")
+        return segments
+
+    def _plain_segments(self, turns, add_generation_prompt: bool) -> list[Segment]:
+        # Only the image placeholder of the user turn survives: the reply is learnt from the image alone.
+        segments: list[Segment] = []
+        for role, text in turns:
+            if role == "human":
+                segments.append(Segment(IMAGE_TAG if IMAGE_TAG in text else "", False))
+            else:
+                segments.append(Segment(text, True, eos=True))
+        return segments
+
+
+TEMPLATES: dict[str, ConversationTemplate] = {
+    "vicuna_v1": ConversationTemplate("vicuna_v1", system=VICUNA_SYSTEM),
+    # vicuna_v1's turn format without the system sentence: small models need not spend tokens on it.
+    "vicuna_v1_nosys": ConversationTemplate("vicuna_v1_nosys"),
+    "plain": ConversationTemplate("plain", plain=True),
+}
+
+
+def get_template(name: str) -> ConversationTemplate:
+    if name not in TEMPLATES:
+        raise KeyError(f"unknown conversation template {name!r}; valid: {', '.join(TEMPLATES)}")
+    return TEMPLATES[name]
+
+
+def _normalise(messages: Sequence[dict]) -> list[tuple[str, str]]:
+    """Accept LLaVA ({'from','value'}) and OpenAI ({'role','content'}) message dicts; check alternation."""
+    roles = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
+    turns = []
+    for index, message in enumerate(messages):
+        role = message.get("from", message.get("role"))
+        text = message.get("value", message.get("content"))
+        if role not in roles or not isinstance(text, str):
+            raise ConversationError(f"message {index} needs 'from' in human/gpt and a string 'value', got {message!r}")
+        role = roles[role]
+        expected = "human" if index % 2 == 0 else "gpt"
+        if role != expected:
+            raise ConversationError(f"message {index} is from {role!r} but turns must alternate human, gpt, ... starting with human")
+        turns.append((role, text))
+    return turns
+
+
+@dataclass
+class TokenizedConversation:
+    input_ids: list[int]
+    labels: list[int]
+    truncated_turns: int = 0
+
+
+def tokenize_conversation(
+    tokenizer,
+    template: ConversationTemplate,
+    messages: Sequence[dict],
+    max_length: int | None = None,
+    add_generation_prompt: bool = False,
+) -> TokenizedConversation:
+    """Token ids and labels (IGNORE_INDEX where unsupervised) from separately tokenised segments.
+
+    Truncation policy: whole trailing (question, answer) exchanges are dropped until the sequence
+    fits `max_length`; if not even the first exchange fits, ConversationError is raised, so no sample
+    is ever silently left without supervised tokens.
+    """
+    segments = template.segments(messages, add_generation_prompt)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    ids, labels = list(bos), [IGNORE_INDEX] * len(bos)
+    exchange_ends = []  # length after each complete (question, answer) exchange
+    for segment in segments:
+        piece = tokenizer(segment.text, add_special_tokens=False)["input_ids"] if segment.text else []
+        if segment.eos:
+            piece = piece + [tokenizer.eos_token_id]
+        ids += piece
+        labels += piece if segment.supervised else [IGNORE_INDEX] * len(piece)
+        if segment.supervised:
+            exchange_ends.append(len(ids))
+    if not add_generation_prompt and not exchange_ends:
+        raise ConversationError("conversation has no assistant turn, so nothing would be supervised")
+    truncated = 0
+    if max_length is not None and len(ids) > max_length:
+        if add_generation_prompt:
+            raise ConversationError(f"prompt has {len(ids)} tokens, more than max_length {max_length}")
+        fitting = [end for end in exchange_ends if end <= max_length]
+        if not fitting:
+            raise ConversationError(
+                f"first exchange alone has {exchange_ends[0]} tokens, more than max_length {max_length}")
+        truncated = len(exchange_ends) - len(fitting)
+        ids, labels = ids[: fitting[-1]], labels[: fitting[-1]]
+    return TokenizedConversation(ids, labels, truncated)

@@ -1,0 +1,60 @@
+"""Text question answering: the language model answers from a scene's text description.
+
+This measures what a pretrained LLM brings to the bridge: it must already know every task family,
+held-out ones included, before it ever sees an image.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..data.templates import ConversationTemplate, tokenize_conversation
+from .metrics import exact_match, mean
+
+
+def prompt_messages(context_text: str, item: dict) -> list[dict]:
+    """The item's question (after any earlier dialogue turns), opened by `context_text`."""
+    turns = list(item.get("context", [])) + [{"from": "human", "value": item["question"]}]
+    turns[0] = {"from": "human", "value": f"{context_text}\n{turns[0]['value']}"}
+    return turns
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, template: ConversationTemplate, prompts: list[list[dict]],
+                   max_new_tokens: int = 12, batch_size: int = 64) -> list[str]:
+    """Greedy answers for text prompts, batched with left padding."""
+    answers = []
+    hf_model = model.model if hasattr(model, "model") else model
+    hf_model.eval()
+    for start in range(0, len(prompts), batch_size):
+        chunk = [tokenize_conversation(tokenizer, template, p, add_generation_prompt=True).input_ids
+                 for p in prompts[start:start + batch_size]]
+        width = max(map(len, chunk))
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, seq in enumerate(chunk):
+            ids[row, width - len(seq):] = torch.tensor(seq)
+            mask[row, width - len(seq):] = 1
+        out = hf_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        answers += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+    return answers
+
+
+def evaluate_text_qa(model, tokenizer, template: ConversationTemplate, world_dir: str | Path, split: str = "test",
+                     families: list[str] | None = None, limit_per_family: int | None = None) -> dict:
+    """Accuracy per family ({'text_qa.<family>': acc, 'text_qa_accuracy': mean over families})."""
+    world_dir = Path(world_dir)
+    scenes = {r["id"]: r for r in json.loads((world_dir / "scenes" / f"{split}.json").read_text(encoding="utf-8"))}
+    families = families or json.loads((world_dir / "world.json").read_text(encoding="utf-8"))["families"].keys()
+    results = {}
+    for family in families:
+        items = json.loads((world_dir / "eval" / split / f"{family}.json").read_text(encoding="utf-8"))
+        items = items[:limit_per_family] if limit_per_family else items
+        prompts = [prompt_messages(scenes[it["scene_id"]]["detailed_caption"], it) for it in items]
+        predictions = greedy_answers(model, tokenizer, template, prompts)
+        results[f"text_qa.{family}"] = mean(exact_match(p, it["answer"]) for p, it in zip(predictions, items))
+    results["text_qa_accuracy"] = mean(v for k, v in results.items())
+    return results
