@@ -1,0 +1,144 @@
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bridgevlm.train.checkpoint import CheckpointError
+from bridgevlm.train.loop import train_stage
+from toy import ToyLM, collate, toy_config, toy_dataset
+
+
+def _train(run_dir, model=None, data=None, **cfg_overrides):
+    model = model or ToyLM()
+    result = train_stage(model, data or toy_dataset(), collate, toy_config(**cfg_overrides),
+                         run_dir, progress=False)
+    return model, result
+
+
+def _params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_accumulation_is_weighted_by_targets(tmp_path):
+    data = toy_dataset(32)
+    assert len({int(s["mask"].sum()) for s in data}) > 3  # samples differ in target counts
+    weights = {}
+    for batch_size, accum in [(8, 1), (4, 2), (2, 4)]:
+        model, _ = _train(tmp_path / f"b{batch_size}", data=data, batch_size=batch_size,
+                          grad_accum=accum, max_steps=6)
+        weights[batch_size] = _params(model)
+    for batch_size in (4, 2):
+        for name, value in weights[8].items():
+            torch.testing.assert_close(weights[batch_size][name], value, rtol=0, atol=1e-6,
+                                       msg=f"batch {batch_size}: {name}")
+    assert not torch.equal(weights[8]["head.weight"], ToyLM().head.weight)
+
+
+def test_metrics_checkpoints_and_eval(tmp_path):
+    model = ToyLM()
+    model.embed.requires_grad_(False)
+    evals = []
+
+    def eval_fn(m, step):
+        assert not m.training
+        evals.append(step)
+        torch.rand(5)  # must not shift the training RNG stream
+        return {"score": step / 10}
+
+    result = train_stage(model, toy_dataset(), collate,
+                         toy_config(max_steps=6, log_every=2, eval_every=4, save_every=2,
+                                    keep_checkpoints=2),
+                         tmp_path, eval_fn=eval_fn, config_to_save={"seed": 0}, progress=False)
+    assert model.training
+    assert result.steps == 6 and evals == [4, 6]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == result.history
+    train_lines = [r for r in lines if "loss" in r]
+    assert [r["step"] for r in train_lines] == [2, 4, 6]
+    for key in ("epoch", "lr", "targets_per_s", "seconds", "data_wait_s", "acc", "grad_norm"):
+        assert key in train_lines[0], key
+    assert train_lines[0]["epoch"] == 0.5  # 32 samples / batch 8 = 4 steps per epoch
+    assert [r for r in lines if "eval/score" in r] == [
+        {"step": 4, "eval/score": 0.4}, {"step": 6, "eval/score": 0.6}
+    ]
+    assert result.final_loss == train_lines[-1]["loss"]
+
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert ckpts == ["latest", "step_00000004", "step_00000006"]
+    saved = load_file(tmp_path / "checkpoints" / "step_00000006" / "model.safetensors")
+    assert "embed.weight" not in saved
+    assert set(saved) == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert (tmp_path / "checkpoints" / "step_00000006" / "config.yaml").exists()
+
+
+def test_loss_goes_down_and_bf16_runs(tmp_path):
+    _, result = _train(tmp_path / "fp32", max_steps=40, log_every=10)
+    losses = [r["loss"] for r in result.history]
+    assert losses[-1] < 0.8 * losses[0]
+    _, result = _train(tmp_path / "bf16", max_steps=2, precision="bf16")
+    assert math.isfinite(result.final_loss)
+
+
+@pytest.mark.parametrize(
+    "batch_size, grad_accum, stop",
+    [(4, 2, 5), (8, 1, 8)],  # mid-epoch stop (epoch 1, batch 2 of 8); stop at an epoch boundary
+)
+def test_resume_is_exact(tmp_path, batch_size, grad_accum, stop):
+    kwargs = dict(batch_size=batch_size, grad_accum=grad_accum, max_steps=12, log_every=3)
+    whole, _ = _train(tmp_path / "whole", model=ToyLM(dropout=0.2), **kwargs)
+
+    first = train_stage(ToyLM(dropout=0.2), toy_dataset(), collate, toy_config(**kwargs),
+                        tmp_path / "split", stop_after_steps=stop, progress=False)
+    assert first.steps == stop
+    # A fresh process would build the model from scratch: the trainable weights come back
+    # from the checkpoint.
+    resumed = ToyLM(seed=99, dropout=0.2)
+    second = train_stage(resumed, toy_dataset(), collate, toy_config(**kwargs),
+                         tmp_path / "split", progress=False)
+    assert second.steps == 12
+
+    for name, value in _params(whole).items():
+        assert torch.equal(_params(resumed)[name], value), name
+    opt_whole = load_file(tmp_path / "whole/checkpoints/step_00000012/optimizer.safetensors")
+    opt_split = load_file(tmp_path / "split/checkpoints/step_00000012/optimizer.safetensors")
+    assert opt_whole.keys() == opt_split.keys()
+    for key in opt_whole:
+        assert torch.equal(opt_whole[key], opt_split[key]), key
+    assert (json.loads((tmp_path / "whole/checkpoints/step_00000012/optimizer.json").read_text())
+            == json.loads((tmp_path / "split/checkpoints/step_00000012/optimizer.json").read_text()))
+
+    # Nothing left to do: a third call is a no-op.
+    third = train_stage(resumed, toy_dataset(), collate, toy_config(**kwargs),
+                        tmp_path / "split", progress=False)
+    assert third.steps == 12 and third.history == []
+
+
+def test_resume_with_another_layout_is_refused(tmp_path):
+    train_stage(ToyLM(), toy_dataset(), collate, toy_config(max_steps=4), tmp_path,
+                stop_after_steps=2, progress=False)
+    with pytest.raises(CheckpointError, match="batch_size 8 -> 4"):
+        train_stage(ToyLM(), toy_dataset(), collate, toy_config(max_steps=4, batch_size=4),
+                    tmp_path, progress=False)
+
+
+def test_data_errors(tmp_path):
+    with pytest.raises(ValueError, match="empty"):
+        train_stage(ToyLM(), [], collate, toy_config(), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="batch_size 64 is larger"):
+        train_stage(ToyLM(), toy_dataset(32), collate, toy_config(batch_size=64), tmp_path,
+                    progress=False)
+
+
+def test_eval_does_not_perturb_training(tmp_path):
+    def eval_fn(model, step):
+        torch.rand(5)  # draws from the same global generator dropout uses
+        return {"n": 1.0}
+
+    plain, _ = _train(tmp_path / "plain", model=ToyLM(dropout=0.3), max_steps=4)
+    evaluated = ToyLM(dropout=0.3)
+    train_stage(evaluated, toy_dataset(), collate, toy_config(max_steps=4, eval_every=1),
+                tmp_path / "eval", eval_fn=eval_fn, progress=False)
+    for name, value in _params(plain).items():
+        assert torch.equal(_params(evaluated)[name], value), name
