@@ -405,13 +405,17 @@ def load_config(
     path: str | os.PathLike | None = None,
     overrides: Sequence[str] = (),
     base: Mapping | None = None,
+    skip_keys: Sequence[str] = (),
 ) -> T:
     """Build config ``cls`` from ``base`` (defaults), then the YAML file ``path``, then ``overrides``.
+
+    ``skip_keys`` are top-level keys of the file that are not part of ``cls`` (e.g. a recipe's ``task``).
 
     Each layer deep-merges over the previous one. An error names the layer the bad value came
     from: ``command line override 'train.lrr=1'``, the file path, or ``base config``.
     """
     file_data = load_yaml(path) if path is not None else {}
+    file_data = {k: v for k, v in file_data.items() if k not in skip_keys}
     parsed = [(item, *_parse_override(item)) for item in overrides]
     data = merge(base or {}, file_data)
     for _, keys, value in parsed:

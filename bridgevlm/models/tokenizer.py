@@ -20,7 +20,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, out_dir: str |
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[PAD, BOS, EOS, IMAGE],
+        # EOS deliberately not at id 2: HF CLIP text models treat eos_token_id == 2 as a legacy
+        # config and pool at the highest token id instead of at the EOS token.
+        special_tokens=[PAD, BOS, IMAGE, EOS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

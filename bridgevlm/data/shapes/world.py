@@ -6,7 +6,8 @@ read it are the ones that read real LLaVA / COCO-style data):
     world.json                     seed, families (held-in / held-out), templates, splits, counts
     scenes/{split}.json            scene graphs with their short and detailed captions
     images/{split}/{id}.png
-    captions/{split}.json          LLaVA pre-training form: <image> + caption
+    captions/{split}.json          LLaVA pre-training form: <image> + detailed caption
+    captions_short/{split}.json    the same with the short caption
     instruct/{split}.json          LLaVA conversation form, held-in families, several turns per image
     eval/{split}/{family}.json     one question per scene and family: question, answer, candidates
     eval/{split}/classify.json     single-object scenes labelled with their colour+shape class
@@ -172,7 +173,7 @@ def build_world(out: str | Path, cfg: WorldConfig, progress: bool = True) -> Pat
     for split, split_scenes in by_split.items():
         image_dir = out / "images" / split
         image_dir.mkdir(parents=True, exist_ok=True)
-        captions, instruct, scene_records = [], [], []
+        captions, short_captions, instruct, scene_records = [], [], [], []
         evals: dict[str, list[dict]] = {}
         for scene in tqdm(split_scenes, desc=f"world {split}", disable=not progress, leave=False):
             image = f"{split}/{scene.id}.png"
@@ -180,11 +181,10 @@ def build_world(out: str | Path, cfg: WorldConfig, progress: bool = True) -> Pat
             record = scene.to_json()
             record.update(image=image, short_caption=short_caption(scene), detailed_caption=detailed_caption(scene))
             scene_records.append(record)
-            prompt = CAPTION_PROMPTS[rng.integers(len(CAPTION_PROMPTS))]
-            captions.append({"id": scene.id, "image": image, "conversations": [
-                {"from": "human", "value": f"<image>\n{prompt}"},
-                {"from": "gpt", "value": detailed_caption(scene)},
-            ]})
+            for target, caption in ((captions, detailed_caption(scene)), (short_captions, short_caption(scene))):
+                prompt = CAPTION_PROMPTS[rng.integers(len(CAPTION_PROMPTS))]
+                target.append({"id": scene.id, "image": image, "conversations": [
+                    {"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": caption}]})
             instruct.append({"id": scene.id, "image": image,
                              "conversations": conversation(scene, rng, HELD_IN, cfg.turns_per_image, "<image>")})
             if split != "train":
@@ -196,6 +196,7 @@ def build_world(out: str | Path, cfg: WorldConfig, progress: bool = True) -> Pat
                         {"id": scene.id, "image": image, "label": f"{obj.colour} {obj.shape}"})
         write_json(out / "scenes" / f"{split}.json", scene_records)
         write_json(out / "captions" / f"{split}.json", captions)
+        write_json(out / "captions_short" / f"{split}.json", short_captions)
         write_json(out / "instruct" / f"{split}.json", instruct)
         for family, items in evals.items():
             write_json(out / "eval" / split / f"{family}.json", items)

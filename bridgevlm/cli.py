@@ -1,0 +1,145 @@
+"""The `bridgevlm` command."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+
+EXAMPLES = """examples:
+  bridgevlm quickstart --out runs/quickstart          world, shipped backbones, evaluation, report
+  bridgevlm quickstart --out runs/qs --from-scratch   also pretrain the tiny backbones (tens of CPU-minutes)
+  bridgevlm world --out runs/world --seed 0 --scenes 2000
+  bridgevlm train configs/shapes/clip.yaml --out runs/clip world=runs/world train.max_steps=500
+  bridgevlm eval lm bridgevlm/assets/backbones/lm --world runs/world
+"""
+
+
+def _add_world(sub) -> None:
+    p = sub.add_parser("world", help="generate the synthetic Shapes world (images, captions, instructions, eval files)",
+                       description="Generate the Shapes world. Same seed and options, same bytes.")
+    p.add_argument("--out", required=True, type=Path, help="directory to write (created)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scenes", type=int, default=2000, help="number of scenes over train/val/test (default 2000)")
+    p.add_argument("--image-size", type=int, default=96, help="image side in pixels (default 96)")
+    p.add_argument("--text-probability", type=float, default=0.35, help="share of scenes with a rendered word or digit")
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="run a recipe (YAML) with dotted overrides",
+                       description="Run a training recipe. The YAML's `task` picks the recipe "
+                                   "(clip, lm, backbones); any field can be overridden as key.sub=value.")
+    p.add_argument("recipe", type=Path, help="recipe YAML, e.g. configs/shapes/clip.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.optim.lr=1e-4 train.max_steps=100")
+    p.add_argument("--out", required=True, type=Path, help="run directory (resumes if it holds checkpoints)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a CLIP or LM backbone on a world's test scenes",
+                       description="Evaluate a model directory on a Shapes world and print metrics as JSON.")
+    p.add_argument("kind", choices=["clip", "lm"], help="clip: zero-shot + retrieval; lm: text QA + perplexity")
+    p.add_argument("model", type=Path, help="model directory (config.json + *.safetensors + tokenizer)")
+    p.add_argument("--world", required=True, type=Path)
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--template", default="vicuna_v1_nosys", help="conversation template for lm (default vicuna_v1_nosys)")
+
+
+def _add_quickstart(sub) -> None:
+    p = sub.add_parser("quickstart", help="the whole pipeline on the embedded default, with a report",
+                       description="Generate the world, load the shipped tiny backbones (or make them with "
+                                   "--from-scratch), evaluate, and write DIR/report.json and DIR/report.md.")
+    p.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="output directory (default runs/quickstart)")
+    p.add_argument("--from-scratch", action="store_true", help="pretrain the tiny CLIP and LM instead of loading them")
+    p.add_argument("--budget", type=float, default=1.0, help="multiplier on every training stage's steps (default 1)")
+    p.add_argument("--backbones", type=Path, default=None, help="backbones directory to load (default: the shipped ones)")
+    p.add_argument("--recipe", type=Path, default=None, help="backbone recipe for --from-scratch")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bridgevlm", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        description="Build vision-language models: a frozen vision encoder and a frozen LLM joined by a small trained bridge.")
+    parser.add_argument("--version", action="version", version=f"bridgevlm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_quickstart, _add_world, _add_train, _add_eval):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from .config import ConfigError
+    from .data.formats import DataFormatError
+    from .data.images import ImageLoadError
+    from .data.templates import ConversationError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, DataFormatError, ImageLoadError, ConversationError, FileNotFoundError) as error:
+        print(f"bridgevlm {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _world(args) -> int:
+    from .data.shapes.world import WorldConfig, build_world
+
+    cfg = WorldConfig(seed=args.seed, scenes=args.scenes, image_size=args.image_size, text_probability=args.text_probability)
+    out = build_world(args.out, cfg)
+    print(f"wrote the Shapes world to {out} ({json.loads((out / 'world.json').read_text())['splits']})")
+    return 0
+
+
+def _train(args) -> int:
+    from .recipes.registry import run_recipe_file
+
+    result = run_recipe_file(args.recipe, args.overrides, args.out, progress=not args.no_progress)
+    print(json.dumps(result.get("metrics", {}), indent=1))
+    return 0
+
+
+def _eval(args) -> int:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if args.kind == "clip":
+        from .data.images import ImageProcessor
+        from .eval.clip_eval import evaluate_clip_on_world
+        from .models.contrastive import ContrastiveModel
+
+        model = ContrastiveModel.from_pretrained(args.model)
+        processor = ImageProcessor(size=model.clip.config.vision_config.image_size)
+        metrics = evaluate_clip_on_world(model, tokenizer, processor, args.world, args.split)
+    else:
+        from .data.templates import get_template
+        from .models.llm import LanguageModel
+        from .recipes.lm import evaluate_lm
+
+        metrics = evaluate_lm(LanguageModel.from_pretrained(args.model), tokenizer, get_template(args.template),
+                              args.world, args.split)
+    print(json.dumps(metrics, indent=1))
+    return 0
+
+
+def _quickstart(args) -> int:
+    from .quickstart import QuickstartOptions, run_quickstart
+
+    options = QuickstartOptions(out=args.out, from_scratch=args.from_scratch, budget=args.budget,
+                                progress=not args.no_progress)
+    if args.backbones:
+        options.backbones = args.backbones
+    if args.recipe:
+        options.recipe = args.recipe
+    run_quickstart(options)
+    return 0
+
+
+COMMANDS = {"world": _world, "train": _train, "eval": _eval, "quickstart": _quickstart}
+
+if __name__ == "__main__":
+    sys.exit(main())

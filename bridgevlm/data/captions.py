@@ -1,0 +1,69 @@
+"""Image-caption pairs (for contrastive training and retrieval) read from LLaVA-format records."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from .formats import DataFormatError, read_conversations
+from .images import ImageProcessor, load_image
+
+
+def caption_pairs(path: str | Path) -> list[tuple[str, str]]:
+    """(image path, caption) pairs from LLaVA pre-training records: the caption is the reply."""
+    pairs = []
+    for index, record in enumerate(read_conversations(path)):
+        if "image" not in record:
+            raise DataFormatError(f"{path}: sample {index} (id {record.get('id', '?')!r}) has no 'image'")
+        replies = [m["value"] for m in record["conversations"] if m["from"] == "gpt"]
+        if not replies:
+            raise DataFormatError(f"{path}: sample {index} (id {record.get('id', '?')!r}) has no caption reply")
+        pairs.append((record["image"], replies[0]))
+    return pairs
+
+
+class ImageCaptionDataset(Dataset):
+    """Yields uint8 pixels (normalised per batch by the collator) and the tokenised caption."""
+
+    def __init__(self, pairs: Sequence[tuple[str, str]], image_root: str | Path, tokenizer, processor: ImageProcessor,
+                 max_text_length: int = 96):
+        self.pairs, self.image_root = list(pairs), Path(image_root)
+        self.tokenizer, self.processor, self.max_text_length = tokenizer, processor, max_text_length
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict:
+        image_path, caption = self.pairs[index]
+        image = load_image(self.image_root / image_path, sample=str(index))
+        return {"pixels": self.processor.to_uint8(image), "text_ids": encode_text(self.tokenizer, caption, self.max_text_length)}
+
+
+def encode_text(tokenizer, text: str, max_length: int) -> list[int]:
+    """BOS + text + EOS, truncated to max_length with EOS kept last (CLIP pools at the EOS)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][: max_length - 2]
+    return [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
+
+
+def pad_texts(texts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, texts))
+    ids = torch.full((len(texts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(texts):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+@dataclass
+class ImageCaptionCollator:
+    processor: ImageProcessor
+    pad_token_id: int
+
+    def __call__(self, samples: Sequence[dict]) -> dict:
+        ids, mask = pad_texts([s["text_ids"] for s in samples], self.pad_token_id)
+        pixels = self.processor.normalize(torch.stack([s["pixels"] for s in samples]))
+        return {"pixel_values": pixels, "input_ids": ids, "attention_mask": mask}

@@ -1,0 +1,128 @@
+"""`bridgevlm quickstart`: the whole pipeline on the embedded default, on a CPU, in minutes.
+
+World -> backbones (shipped, or made from scratch) -> evaluation -> report. Later stages add their
+own sections to the same report.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from .config import from_dict, load_yaml
+from .data.images import ImageProcessor
+from .data.shapes.world import WorldConfig, build_world
+from .data.templates import get_template
+from .eval.clip_eval import evaluate_clip_on_world
+from .models.contrastive import ContrastiveModel
+from .models.llm import LanguageModel
+from .recipes.backbones import SHIPPED, BackboneRecipe, load_manifest, make_backbones
+from .recipes.lm import evaluate_lm
+from .report import Report, Section, markdown_table, plot_curves
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class QuickstartOptions:
+    out: Path
+    from_scratch: bool = False
+    budget: float = 1.0  # scales training steps of every stage that trains
+    backbones: Path = SHIPPED
+    recipe: Path = CONFIGS / "shapes" / "backbones.yaml"
+    progress: bool = True
+
+
+def run_quickstart(options: QuickstartOptions) -> dict:
+    out = Path(options.out)
+    report = Report(out, "bridgevlm quickstart")
+    started = time.time()
+
+    # 1. The backbones to use: the shipped ones, or a fresh set made by the same recipe.
+    if options.from_scratch:
+        recipe = load_backbone_recipe(options.recipe, options.budget)
+        step_start = time.time()
+        _say(options, f"Making the backbones from scratch (recipe {options.recipe}); this takes a while.")
+        manifest = make_backbones(recipe, out / "backbones", world_dir=out / "world", progress=options.progress,
+                                  command=f"bridgevlm quickstart --from-scratch --budget {options.budget}")
+        backbones = out / "backbones"
+        report.add_timing("backbones (from scratch)", time.time() - step_start)
+    else:
+        backbones = Path(options.backbones)
+        manifest = load_manifest(backbones)
+
+    # 2. The world: the one the backbones were made on, so its test scenes were never trained on.
+    step_start = time.time()
+    world_dir = out / "world"
+    if not (world_dir / "world.json").is_file():
+        _say(options, f"Generating the Shapes world in {world_dir}")
+        build_world(world_dir, from_dict(WorldConfig, manifest["world"], "manifest.json"), progress=options.progress)
+    report.add_timing("world", time.time() - step_start)
+    report.set("world", json.loads((world_dir / "world.json").read_text())["splits"])
+
+    # 3. Evaluate the backbones on the test scenes.
+    step_start = time.time()
+    _say(options, "Evaluating the vision encoder (CLIP) on test scenes")
+    clip = ContrastiveModel.from_pretrained(backbones / "clip")
+    tokenizer = AutoTokenizer.from_pretrained(backbones / "clip")
+    processor = ImageProcessor(size=clip.clip.config.vision_config.image_size)
+    clip_metrics = {k: v for k, v in evaluate_clip_on_world(clip, tokenizer, processor, world_dir, "test").items()}
+    report.add_metrics("clip", clip_metrics)
+    report.add_timing("evaluate clip", time.time() - step_start)
+
+    step_start = time.time()
+    _say(options, "Evaluating the language model on text questions about test scenes")
+    lm = LanguageModel.from_pretrained(backbones / "lm")
+    lm_tokenizer = AutoTokenizer.from_pretrained(backbones / "lm")
+    template_name = manifest.get("lm_template", "vicuna_v1_nosys")
+    lm_metrics = evaluate_lm(lm, lm_tokenizer, get_template(template_name), world_dir, "test")
+    report.add_metrics("lm", lm_metrics)
+    report.add_timing("evaluate lm", time.time() - step_start)
+
+    _backbone_sections(report, out, backbones, manifest, clip_metrics, lm_metrics)
+    report.add_timing("total", time.time() - started)
+    json_path, md_path = report.write()
+    _say(options, f"\nReport: {md_path}\n        {json_path}")
+    return report.data
+
+
+def load_backbone_recipe(path: Path, budget: float) -> BackboneRecipe:
+    recipe = from_dict(BackboneRecipe, {k: v for k, v in load_yaml(path).items() if k != "task"}, str(path))
+    for sub in (recipe.clip, recipe.lm):
+        sub.train.max_steps = max(1, round(sub.train.max_steps * budget))
+    return recipe
+
+
+def _backbone_sections(report: Report, out: Path, backbones: Path, manifest: dict, clip: dict, lm: dict) -> None:
+    families = sorted(k.split(".", 1)[1] for k in lm if k.startswith("text_qa."))
+    clip_rows = [[name, clip[key]] for name, key in (
+        ("zero-shot accuracy (colour+shape)", "zeroshot_accuracy"), ("  colour", "zeroshot_colour_accuracy"),
+        ("  shape", "zeroshot_shape_accuracy"), ("image->text Recall@1", "recall_at_1"),
+        ("image->text Recall@5", "recall_at_5"), ("text->image Recall@1", "text_recall_at_1"))]
+    lm_rows = [[family, lm[f"text_qa.{family}"]] for family in families]
+    lm_rows += [["**mean**", lm["text_qa_accuracy"]], ["answer perplexity", lm["perplexity"]]]
+    figures = []
+    history_path = backbones / "history.json"
+    if history_path.is_file():
+        history = json.loads(history_path.read_text())
+        for name in ("clip", "lm"):
+            points = [h for h in history.get(name, []) if "loss" in h]
+            if points:
+                figure = plot_curves(out / "figures" / f"{name}_loss.png",
+                                     {name: ([p["step"] for p in points], [p["loss"] for p in points])},
+                                     "step", "training loss", f"{name} pretraining loss", log_y=True)
+                figures.append(str(figure.relative_to(out)))
+    text = (f"Backbones from `{backbones}`, made by `{manifest.get('command', '?')}` "
+            f"(seeds {manifest.get('seed')}, training time {manifest.get('train_seconds')} s).")
+    report.add_section(Section("Backbones", text, [
+        markdown_table(["CLIP metric (test scenes)", "value"], clip_rows),
+        markdown_table(["LM text QA family (test scenes)", "accuracy"], lm_rows),
+    ], figures))
+
+
+def _say(options: QuickstartOptions, message: str) -> None:
+    if options.progress:
+        print(message, flush=True)

@@ -1,0 +1,112 @@
+"""The embedded backbones: a tokenizer, a tiny CLIP and a tiny LLM, all made on the Shapes world.
+
+They play the roles a user fills with downloaded checkpoints (CLIP ViT-L/14, Vicuna). They are
+made once by this recipe and shipped in `bridgevlm/assets/backbones`, with the command, seed, time
+and scores recorded in its `manifest.json`; `bridgevlm quickstart --from-scratch` makes them anew.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import save_config, to_dict
+from ..data.formats import read_conversations
+from ..data.shapes.world import WorldConfig, build_world, scene_keys, text_conversations
+from ..models.tokenizer import train_tokenizer
+from .clip import ClipRecipe, run_clip
+from .lm import LmRecipe, run_lm
+
+SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "backbones"
+
+
+@dataclass
+class BackboneRecipe:
+    world: WorldConfig = field(default_factory=WorldConfig)
+    tokenizer_vocab_size: int = 1024
+    tokenizer_corpus_scenes: int = 20000
+    clip: ClipRecipe = field(default_factory=ClipRecipe)
+    lm: LmRecipe = field(default_factory=LmRecipe)
+
+
+def make_backbones(recipe: BackboneRecipe, out_dir: str | Path, world_dir: str | Path | None = None,
+                   progress: bool = True, command: str | None = None) -> dict:
+    """World (unless given) -> tokenizer -> CLIP -> LLM, each under out_dir; returns the manifest.
+
+    Writes out_dir/{tokenizer,clip,lm} (each loadable with plain `transformers`), the training
+    runs under out_dir/runs, and out_dir/manifest.json.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(to_dict(recipe), out_dir / "recipe.yaml")
+    timings = {}
+
+    start = time.time()
+    world_dir = Path(world_dir) if world_dir else out_dir / "world"
+    if not (world_dir / "world.json").is_file():
+        build_world(world_dir, recipe.world, progress=progress)
+    timings["world"] = time.time() - start
+
+    start = time.time()
+    tokenizer_dir = out_dir / "tokenizer"
+    train_tokenizer(_tokenizer_corpus(recipe, world_dir), recipe.tokenizer_vocab_size, tokenizer_dir)
+    timings["tokenizer"] = time.time() - start
+
+    results = {}
+    for name, sub_recipe, run in (("clip", recipe.clip, run_clip), ("lm", recipe.lm, run_lm)):
+        start = time.time()
+        sub_recipe.world, sub_recipe.tokenizer = str(world_dir), str(tokenizer_dir)
+        results[name] = run(sub_recipe, out_dir / "runs" / name, progress=progress)
+        _replace_dir(out_dir / "runs" / name / "model", out_dir / name)
+        timings[name] = time.time() - start
+
+    manifest = {
+        "command": command or " ".join(sys.argv),
+        "seed": {"world": recipe.world.seed, "clip": recipe.clip.train.seed, "lm": recipe.lm.train.seed,
+                 "lm_corpus": recipe.lm.corpus_seed},
+        "world": to_dict(recipe.world),
+        "train_seconds": {k: round(v, 1) for k, v in timings.items()},
+        "steps": {name: r["steps"] for name, r in results.items()},
+        "metrics": {name: r["metrics"] for name, r in results.items()},
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "threads": torch.get_num_threads(), "torch": torch.__version__},
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    history = {name: [h for h in r["history"] if "loss" in h or any(k.startswith("eval/") for k in h)]
+               for name, r in results.items()}
+    (out_dir / "history.json").write_text(json.dumps(history) + "\n")
+    return manifest
+
+
+def _tokenizer_corpus(recipe: BackboneRecipe, world_dir: Path):
+    """Every text the models will meet: the world's files, the LM's text conversations, the templates."""
+    for name in ("captions/train.json", "captions_short/train.json", "instruct/train.json"):
+        for record in read_conversations(world_dir / name):
+            for message in record["conversations"]:
+                yield message["value"]
+    for record in text_conversations(recipe.lm.corpus_seed, recipe.tokenizer_corpus_scenes,
+                                      scene_keys(world_dir), recipe.lm.turns_per_scene):
+        for message in record["conversations"]:
+            yield message["value"]
+    yield "USER: ASSISTANT: a photo of a picture of an image with a drawing of"
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+
+
+def load_manifest(backbones_dir: str | Path = SHIPPED) -> dict:
+    path = Path(backbones_dir) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: no backbones there. Make them with `bridgevlm quickstart --from-scratch` "
+            f"or `bridgevlm train configs/shapes/backbones.yaml --out DIR`.")
+    return json.loads(path.read_text(encoding="utf-8"))

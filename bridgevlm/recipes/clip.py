@@ -1,0 +1,59 @@
+"""Contrastive (CLIP) training on image-caption pairs, evaluated by zero-shot classification and retrieval."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from ..config import save_config, to_dict
+from ..data.captions import ImageCaptionCollator, ImageCaptionDataset, caption_pairs
+from ..data.images import ImageProcessor
+from ..eval.clip_eval import evaluate_clip_on_world
+from ..models.contrastive import ContrastiveModel, TinyClipConfig, build_tiny_clip
+from ..train.loop import TrainConfig, train_stage
+
+
+@dataclass
+class ClipRecipe:
+    world: str = ""  # world directory: images/, captions/, eval/
+    tokenizer: str = ""  # tokenizer directory (Hugging Face format)
+    pretrained: str | None = None  # a CLIPModel directory to start from; None builds `model` from scratch
+    model: TinyClipConfig = field(default_factory=TinyClipConfig)
+    # Caption files (LLaVA pre-training form) relative to the world; every (image, caption) pair is a sample.
+    captions: list[str] = field(default_factory=lambda: ["captions/train.json", "captions_short/train.json"])
+    eval_split: str = "val"
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def run_clip(recipe: ClipRecipe, run_dir: str | Path, progress: bool = True) -> dict:
+    """Train, evaluate on `eval_split`, save a `transformers`-loadable CLIPModel to run_dir/model."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(to_dict(recipe), run_dir / "config.yaml")
+    tokenizer = AutoTokenizer.from_pretrained(recipe.tokenizer)
+    clip = ContrastiveModel.from_pretrained(recipe.pretrained) if recipe.pretrained else ContrastiveModel(
+        build_tiny_clip(recipe.model, tokenizer))
+    image_size = clip.clip.config.vision_config.image_size
+    processor = ImageProcessor(size=image_size)
+
+    world = Path(recipe.world)
+    pairs = [pair for name in recipe.captions for pair in caption_pairs(world / name)]
+    dataset = ImageCaptionDataset(pairs, world / "images", tokenizer, processor, recipe.model.max_text_length)
+    collate = ImageCaptionCollator(processor, tokenizer.pad_token_id)
+
+    def evaluate(model, step):
+        return _scalars(evaluate_clip_on_world(model, tokenizer, processor, world, recipe.eval_split))
+
+    result = train_stage(clip, dataset, collate, recipe.train, run_dir, eval_fn=evaluate,
+                         config_to_save=to_dict(recipe), progress=progress)
+    clip.clip.save_pretrained(run_dir / "model")
+    tokenizer.save_pretrained(run_dir / "model")
+    metrics = _scalars(evaluate_clip_on_world(clip, tokenizer, processor, world, recipe.eval_split))
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return {"metrics": metrics, "steps": result.steps, "history": result.history}
+
+
+def _scalars(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
