@@ -122,19 +122,22 @@ def tokenize_conversation(
     messages: Sequence[dict],
     max_length: int | None = None,
     add_generation_prompt: bool = False,
+    encode=None,
 ) -> TokenizedConversation:
     """Token ids and labels (IGNORE_INDEX where unsupervised) from separately tokenised segments.
 
     Truncation policy: whole trailing (question, answer) exchanges are dropped until the sequence
     fits `max_length`; if not even the first exchange fits, ConversationError is raised, so no sample
-    is ever silently left without supervised tokens.
+    is ever silently left without supervised tokens. `encode` (text -> ids) replaces the
+    per-segment tokenizer call, e.g. with a lookup into segments tokenised in one batch.
     """
     segments = template.segments(messages, add_generation_prompt)
+    encode = encode or (lambda text: tokenizer(text, add_special_tokens=False)["input_ids"])
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     ids, labels = list(bos), [IGNORE_INDEX] * len(bos)
     exchange_ends = []  # length after each complete (question, answer) exchange
     for segment in segments:
-        piece = tokenizer(segment.text, add_special_tokens=False)["input_ids"] if segment.text else []
+        piece = list(encode(segment.text)) if segment.text else []
         if segment.eos:
             piece = piece + [tokenizer.eos_token_id]
         ids += piece

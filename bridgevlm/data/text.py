@@ -11,22 +11,46 @@ from .templates import IGNORE_INDEX, ConversationError, ConversationTemplate, to
 
 
 class ConversationDataset(Dataset):
-    """Conversations tokenised lazily (so start-up is instant and worker processes share the work)."""
+    """Tokenised conversations.
+
+    Lazily by default (instant start-up; worker processes share the work). `pretokenize=True`
+    tokenises every distinct segment in one batched call up front, so the training loop needs no
+    worker processes competing with it for the CPU.
+    """
 
     def __init__(self, records: Sequence[dict], tokenizer, template: ConversationTemplate, max_length: int,
-                 source: str = "<records>"):
+                 source: str = "<records>", pretokenize: bool = False):
         self.records, self.tokenizer, self.template = records, tokenizer, template
         self.max_length, self.source = max_length, source
+        self.samples: list[dict] | None = None
+        if pretokenize:
+            texts = sorted({seg.text for i in range(len(records)) for seg in self._segments(i) if seg.text})
+            ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+            table = dict(zip(texts, ids))
+            self.samples = [self._tokenize(i, table.__getitem__) for i in range(len(records))]
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict:
+        return self.samples[index] if self.samples is not None else self._tokenize(index)
+
+    def _segments(self, index: int):
+        try:
+            return self.template.segments(self.records[index]["conversations"])
+        except ConversationError as error:
+            raise self._error(index, error) from None
+
+    def _error(self, index: int, error: Exception) -> ConversationError:
+        return ConversationError(f"{self.source}: sample {index} (id {self.records[index].get('id', '?')!r}): {error}")
+
+    def _tokenize(self, index: int, encode=None) -> dict:
         record = self.records[index]
         try:
-            sample = tokenize_conversation(self.tokenizer, self.template, record["conversations"], self.max_length)
+            sample = tokenize_conversation(self.tokenizer, self.template, record["conversations"], self.max_length,
+                                           encode=encode)
         except ConversationError as error:
-            raise ConversationError(f"{self.source}: sample {index} (id {record.get('id', '?')!r}): {error}") from None
+            raise self._error(index, error) from None
         return {"input_ids": sample.input_ids, "labels": sample.labels}
 
 

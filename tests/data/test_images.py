@@ -1,0 +1,88 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bridgevlm.data.images import CLIP_MEAN, CLIP_STD, ImageLoadError, ImageProcessor, load_image
+
+
+def test_missing_image_names_path_and_sample(tmp_path):
+    path = tmp_path / "nope.png"
+    with pytest.raises(ImageLoadError) as info:
+        load_image(path, sample="7")
+    assert str(path) in str(info.value) and "sample 7" in str(info.value)
+
+
+def test_corrupt_image_names_path(tmp_path):
+    path = tmp_path / "broken.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with pytest.raises(ImageLoadError) as info:
+        load_image(path)
+    assert str(path) in str(info.value)
+    truncated = tmp_path / "truncated.png"
+    Image.new("RGB", (40, 40), (1, 2, 3)).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:60])
+    with pytest.raises(ImageLoadError, match="truncated.png"):
+        load_image(truncated)
+
+
+def test_load_converts_to_rgb(tmp_path):
+    path = tmp_path / "grey.png"
+    Image.new("L", (5, 4), 77).save(path)
+    image = load_image(path)
+    assert image.mode == "RGB" and image.size == (5, 4) and image.getpixel((0, 0)) == (77, 77, 77)
+
+
+def test_uniform_image_normalises_to_hand_computed_values():
+    processor = ImageProcessor(size=8)
+    pixels = processor(Image.new("RGB", (8, 8), (255, 0, 51)))
+    assert pixels.shape == (3, 8, 8) and pixels.dtype == torch.float32
+    # (value / 255 - mean) / std per channel: 255 -> 1.0, 0 -> 0.0, 51 -> 0.2
+    expected = [(1.0 - 0.48145466) / 0.26862954, (0.0 - 0.4578275) / 0.26130258, (0.2 - 0.40821073) / 0.27577711]
+    assert expected[0] == pytest.approx(1.93035, abs=1e-4)
+    for channel, value in enumerate(expected):
+        assert torch.allclose(pixels[channel], torch.full((8, 8), value), atol=1e-5)
+    assert CLIP_MEAN == (0.48145466, 0.4578275, 0.40821073) and CLIP_STD == (0.26862954, 0.26130258, 0.27577711)
+
+
+def test_uniform_image_of_other_size_stays_uniform():
+    processor = ImageProcessor(size=16)
+    pixels = processor.to_uint8(Image.new("RGB", (50, 23), (10, 200, 90)))
+    assert pixels.shape == (3, 16, 16) and pixels.dtype == torch.uint8
+    for channel, value in enumerate((10, 200, 90)):
+        assert (pixels[channel].int() - value).abs().max() <= 1
+
+
+def _bands(width, height, horizontal):
+    """Three equal bands red | green | blue, side by side (horizontal) or stacked."""
+    array = np.zeros((height, width, 3), dtype=np.uint8)
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    for i, colour in enumerate(colours):
+        if horizontal:
+            array[:, i * width // 3:(i + 1) * width // 3] = colour
+        else:
+            array[i * height // 3:(i + 1) * height // 3, :] = colour
+    return Image.fromarray(array)
+
+
+@pytest.mark.parametrize("horizontal", [True, False])
+def test_resize_shortest_side_then_centre_crop(horizontal):
+    # 300x100 (or 100x300): the short side 100 -> 30, the long side 300 -> 90, and the centre crop
+    # of 30 keeps exactly the middle (green) band; a left/top crop would keep red.
+    image = _bands(300, 100, True) if horizontal else _bands(100, 300, False)
+    pixels = ImageProcessor(size=30).to_uint8(image)
+    assert pixels.shape == (3, 30, 30)
+    inner = pixels[:, 3:27, 3:27] if horizontal else pixels[:, 3:27, 3:27]
+    assert (inner[1].int() >= 250).all() and (inner[0].int() <= 5).all() and (inner[2].int() <= 5).all()
+    # band edges fall at the crop border: the outermost columns (rows) see a little red and blue bleed at most
+    mean = pixels.float().mean(dim=(1, 2))
+    assert mean[1] > 200 and mean[0] < 40 and mean[2] < 40
+
+
+def test_normalize_is_batched():
+    processor = ImageProcessor(size=4)
+    pixels = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    out = processor.normalize(pixels)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    assert torch.allclose(out, (pixels.float() / 255 - mean) / std)

@@ -1,0 +1,202 @@
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from bridgevlm.data.shapes import HELD_IN, HELD_OUT, WorldConfig, build_world, text_conversations
+from bridgevlm.data.shapes.families import FAMILIES
+from bridgevlm.data.shapes.scene import COLOURS, COLUMNS, ROWS, SHAPES, SIZES, Scene, SceneObject, SceneText
+from bridgevlm.data.shapes.world import load_world_description, scene_keys, split_sizes
+
+CFG = WorldConfig(seed=11, scenes=60, image_size=48, turns_per_image=3)
+SPLITS = ("train", "val", "test")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_world(tmp_path_factory.mktemp("world"), CFG, progress=False)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    files = {}
+    for directory, _, names in os.walk(root):
+        for name in names:
+            path = Path(directory) / name
+            files[str(path.relative_to(root))] = path.read_bytes()
+    return files
+
+
+def _load(world, *parts):
+    return json.loads(world.joinpath(*parts).read_text(encoding="utf-8"))
+
+
+def test_same_config_same_bytes_other_seed_other_bytes(world, tmp_path):
+    again = _tree(build_world(tmp_path / "again", CFG, progress=False))
+    first = _tree(world)
+    assert len(first) > 60  # 60 images plus the JSON files
+    assert again.keys() == first.keys()
+    for name, data in first.items():
+        assert again[name] == data, name
+    other = _tree(build_world(tmp_path / "other", WorldConfig(**{**vars(CFG), "seed": 12}), progress=False))
+    common = first.keys() & other.keys()
+    changed = [name for name in common if other[name] != first[name]]
+    assert "scenes/train.json" in changed and "instruct/train.json" in changed
+    images = [name for name in common if name.endswith(".png")]
+    assert len([n for n in images if n in changed]) > 0.9 * len(images)
+
+
+def test_splits_have_configured_sizes_and_are_disjoint(world):
+    # val and test are 10% of 60 scenes each: round(6.0) = 6, leaving 48 for training
+    assert split_sizes(CFG) == {"train": 48, "val": 6, "test": 6}
+    keys = {}
+    for split in SPLITS:
+        scenes = [Scene.from_json(r) for r in _load(world, "scenes", f"{split}.json")]
+        assert len(scenes) == split_sizes(CFG)[split]
+        assert {s.split for s in scenes} == {split}
+        keys[split] = [s.key() for s in scenes]
+        assert len(set(keys[split])) == len(keys[split])
+    assert not set(keys["train"]) & set(keys["val"])
+    assert not set(keys["train"]) & set(keys["test"])
+    assert not set(keys["val"]) & set(keys["test"])
+    assert scene_keys(world) == set(keys["val"]) | set(keys["test"])
+    description = load_world_description(world)
+    assert description["splits"] == {"train": 48, "val": 6, "test": 6}
+
+
+def test_world_json_describes_families(world):
+    description = load_world_description(world)
+    held_in, held_out = description["held_in"], description["held_out"]
+    assert not set(held_in) & set(held_out)
+    assert set(held_in) | set(held_out) == set(description["families"]) == set(FAMILIES)
+    assert len(description["families"]) == 10
+    assert tuple(held_in) == HELD_IN and tuple(held_out) == HELD_OUT
+    for name, family in description["families"].items():
+        assert len(family["templates"]) >= 10, name
+        assert len(set(family["templates"])) == len(family["templates"]), name
+        assert family["held_out"] == (name in held_out)
+    assert description["config"]["seed"] == CFG.seed
+    assert len(description["classes"]) == len(COLOURS) * len(SHAPES)
+
+
+def test_world_difficulty(world):
+    assert len(SHAPES) >= 5 and len(COLOURS) >= 6 and len(SIZES) == 2
+    assert len(ROWS) == 3 and len(COLUMNS) == 3
+    counts = set()
+    for split in SPLITS:
+        for record in _load(world, "scenes", f"{split}.json"):
+            scene = Scene.from_json(record)
+            assert 1 <= len(scene.objects) <= 4
+            counts.add(len(scene.objects))
+            cells = [(o.row, o.col) for o in scene.objects] + ([(scene.text.row, scene.text.col)] if scene.text else [])
+            assert len(set(cells)) == len(cells)  # one thing per cell
+            for obj in scene.objects:
+                assert obj.shape in SHAPES and obj.colour in COLOURS and obj.size in SIZES
+                assert 0 <= obj.row < 3 and 0 <= obj.col < 3
+            assert list(scene.objects) == sorted(scene.objects, key=lambda o: (o.row, o.col))
+    assert counts == {1, 2, 3, 4}  # 60 scenes are enough to see every count
+
+
+def _check_llava_records(records, images_root, ids):
+    assert [r["id"] for r in records] == ids
+    for record in records:
+        assert isinstance(record["image"], str) and (images_root / record["image"]).is_file()
+        conversation = record["conversations"]
+        assert len(conversation) >= 2 and len(conversation) % 2 == 0
+        assert [m["from"] for m in conversation] == ["human", "gpt"] * (len(conversation) // 2)
+        assert all(isinstance(m["value"], str) and m["value"] for m in conversation)
+        tags = [m["value"].count("<image>") for m in conversation]
+        assert tags[0] == 1 and sum(tags) == 1
+        assert conversation[0]["value"].startswith("<image>\n")
+
+
+def test_caption_and_instruction_files_are_llava_records(world):
+    for split in SPLITS:
+        scenes = _load(world, "scenes", f"{split}.json")
+        ids = [s["id"] for s in scenes]
+        for kind in ("captions", "captions_short", "instruct"):
+            _check_llava_records(_load(world, kind, f"{split}.json"), world / "images", ids)
+        by_id = {s["id"]: s for s in scenes}
+        for record in _load(world, "captions", f"{split}.json"):
+            assert record["conversations"][1]["value"] == by_id[record["id"]]["detailed_caption"]
+        for record in _load(world, "captions_short", f"{split}.json"):
+            assert record["conversations"][1]["value"] == by_id[record["id"]]["short_caption"]
+        for record in _load(world, "instruct", f"{split}.json"):
+            assert len(record["conversations"]) >= 2 * CFG.turns_per_image
+
+
+def test_images_exist_with_configured_size(world):
+    for split in SPLITS:
+        for record in _load(world, "scenes", f"{split}.json"):
+            with Image.open(world / "images" / record["image"]) as image:
+                assert image.size == (CFG.image_size, CFG.image_size) and image.mode == "RGB"
+
+
+def test_eval_files(world):
+    for split in ("val", "test"):
+        scene_ids = {s["id"] for s in _load(world, "scenes", f"{split}.json")}
+        families = {p.stem for p in (world / "eval" / split).glob("*.json")} - {"classify"}
+        assert families <= set(FAMILIES) and {"colour", "shape", "count", "existence", "dialogue"} <= families
+        for family in families:
+            items = _load(world, "eval", split, f"{family}.json")
+            assert items
+            for item in items:
+                assert item["family"] == family and item["scene_id"] in scene_ids
+                assert isinstance(item["question"], str) and item["question"]
+                assert isinstance(item["answer"], str) and item["answer"]
+                assert (world / "images" / item["image"]).is_file()
+                if "candidates" in item:
+                    assert item["answer"] in item["candidates"]
+        for item in _load(world, "eval", split, "dialogue.json"):
+            turn = int(item["id"].rsplit("_", 1)[1])
+            assert len(item.get("context", [])) == 2 * turn
+        classify = world / "eval" / split / "classify.json"
+        if classify.exists():
+            by_id = {s["id"]: s for s in _load(world, "scenes", f"{split}.json")}
+            for item in _load(world, "eval", split, "classify.json"):
+                colour, shape = item["label"].split(" ")
+                assert colour in COLOURS and shape in SHAPES
+                scene = by_id[item["id"]]
+                assert len(scene["objects"]) == 1 and scene["text"] is None
+                assert (scene["objects"][0]["colour"], scene["objects"][0]["shape"]) == (colour, shape)
+    assert not (world / "eval" / "train").exists()
+
+
+_POSITION = {f"{r} {c}": (i, j) for i, r in enumerate(ROWS) for j, c in enumerate(COLUMNS)}
+
+
+def _key_from_description(text: str) -> tuple:
+    """Rebuild a scene's content key from its detailed caption (the text the LM sees as context)."""
+    objects = tuple(
+        (shape, colour, size, *_POSITION[pos])
+        for size, colour, shape, pos in re.findall(r"A (\w+) (\w+) (\w+) at the (\w+ \w+)\.", text)
+    )
+    written = re.search(r"The (?:word|digit) (\w+) is written at the (\w+ \w+)\.", text)
+    return objects, ((written[1], *_POSITION[written[2]]) if written else None)
+
+
+def test_description_parser_matches_scene_key():
+    scene = Scene("s", "train", (SceneObject("circle", "red", "large", 0, 0), SceneObject("star", "blue", "small", 2, 1)),
+                  SceneText("cat", 1, 1))
+    from bridgevlm.data.shapes import detailed_caption
+    assert _key_from_description(detailed_caption(scene)) == scene.key()
+
+
+def test_text_conversations_respect_exclude():
+    first = text_conversations(seed=5, num_scenes=40, exclude=set(), turns=2)
+    keys = [_key_from_description(r["conversations"][0]["value"].split("\n")[0]) for r in first]
+    exclude = set(keys[:15])
+    assert len(exclude) >= 10
+    second = text_conversations(seed=5, num_scenes=40, exclude=exclude, turns=2)
+    assert len(second) == 40
+    second_keys = [_key_from_description(r["conversations"][0]["value"].split("\n")[0]) for r in second]
+    assert not set(second_keys) & exclude
+    # deterministic, and the first record differs because its scene was excluded
+    assert text_conversations(seed=5, num_scenes=40, exclude=set(), turns=2) == first
+    assert second_keys[0] != keys[0]
+    for record in second:
+        roles = [m["from"] for m in record["conversations"]]
+        assert roles == ["human", "gpt"] * (len(roles) // 2) and len(roles) >= 4
+        assert "<image>" not in json.dumps(record)
