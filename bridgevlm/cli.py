@@ -72,7 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may come after options (`train R.yaml --out D a.b=1`), which argparse leaves unparsed.
+    if args.command == "train" and all("=" in item and not item.startswith("-") for item in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from .config import ConfigError
     from .data.formats import DataFormatError
@@ -106,6 +112,8 @@ def _train(args) -> int:
 def _eval(args) -> int:
     from transformers import AutoTokenizer
 
+    if not (args.model / "config.json").is_file():
+        raise FileNotFoundError(f"model directory not found (no config.json): {args.model}")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if args.kind == "clip":
         from .data.images import ImageProcessor

@@ -32,3 +32,99 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------
+# A tiny Shapes world and tiny backbones, shared by the recipe, eval, quickstart and CLI tests.
+# --------------------------------------------------------------------------------------------
+
+# Seed 2 gives 60-scene worlds whose val and test splits both hold a single-object scene (so
+# eval/<split>/classify.json exists) and a scene with rendered text (so every QA family has items).
+TINY_WORLD = {"seed": 2, "scenes": 60}
+TINY_CLIP = {"image_size": 96, "patch_size": 32, "vision_hidden": 32, "vision_layers": 1, "vision_heads": 2,
+             "text_hidden": 32, "text_layers": 1, "text_heads": 2, "projection_dim": 16}
+TINY_LLAMA = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "max_positions": 512}
+TINY_TRAIN = {"batch_size": 8, "max_steps": 3, "log_every": 1}
+TINY_LM_DATA = {"corpus_scenes": 50, "turns_per_scene": 3, "eval_limit_per_family": 3}
+
+
+def tiny_backbone_dict(steps: int = 3) -> dict:
+    """The fields of a BackboneRecipe (as a YAML file would hold them) for seconds-long backbones."""
+    train = {**TINY_TRAIN, "max_steps": steps}
+    return {"world": dict(TINY_WORLD), "tokenizer_vocab_size": 400, "tokenizer_corpus_scenes": 50,
+            "clip": {"model": dict(TINY_CLIP), "train": dict(train)},
+            "lm": {"model": dict(TINY_LLAMA), **TINY_LM_DATA, "train": dict(train)}}
+
+
+class _Tiny:
+    """Factories for tiny recipes: tiny.clip(world, tokenizer), tiny.lm(...), tiny.backbones()."""
+
+    world_config = TINY_WORLD
+    backbone_dict = staticmethod(tiny_backbone_dict)
+
+    @staticmethod
+    def clip(world, tokenizer, **train):
+        from bridgevlm.config import from_dict
+        from bridgevlm.recipes.clip import ClipRecipe
+
+        return from_dict(ClipRecipe, {"world": str(world), "tokenizer": str(tokenizer), "model": dict(TINY_CLIP),
+                                      "train": {**TINY_TRAIN, **train}})
+
+    @staticmethod
+    def lm(world, tokenizer, **train):
+        from bridgevlm.config import from_dict
+        from bridgevlm.recipes.lm import LmRecipe
+
+        return from_dict(LmRecipe, {"world": str(world), "tokenizer": str(tokenizer), "model": dict(TINY_LLAMA),
+                                    **TINY_LM_DATA, "train": {**TINY_TRAIN, **train}})
+
+    @staticmethod
+    def backbones(steps: int = 3):
+        from bridgevlm.config import from_dict
+        from bridgevlm.recipes.backbones import BackboneRecipe
+
+        return from_dict(BackboneRecipe, tiny_backbone_dict(steps))
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return _Tiny()
+
+
+@pytest.fixture(scope="session")
+def shapes_world(tmp_path_factory):
+    """A 60-scene Shapes world (read-only for tests)."""
+    from bridgevlm.data.shapes.world import WorldConfig, build_world
+
+    return build_world(tmp_path_factory.mktemp("shapes") / "world", WorldConfig(**TINY_WORLD), progress=False)
+
+
+@pytest.fixture(scope="session")
+def world_tokenizer_dir(shapes_world, tmp_path_factory):
+    """A tokenizer (Hugging Face directory) trained on the tiny world's caption and instruction texts."""
+    from bridgevlm.data.formats import read_conversations
+
+    texts = [message["value"]
+             for name in ("captions/train.json", "captions_short/train.json", "instruct/train.json")
+             for record in read_conversations(shapes_world / name) for message in record["conversations"]]
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(texts + ["a photo of a picture of an image with a drawing of"], vocab_size=400, out_dir=out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_backbones(tmp_path_factory):
+    """A backbones directory (tokenizer, clip, lm, manifest.json, history.json) made by
+    `make_backbones` with 3 training steps per model on a 60-scene world."""
+    import torch
+
+    from bridgevlm.recipes.backbones import make_backbones
+
+    out = tmp_path_factory.mktemp("backbones")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        make_backbones(_Tiny.backbones(), out, progress=False, command="pytest tiny backbones")
+    finally:
+        torch.set_num_threads(threads)
+    return out

@@ -13,15 +13,16 @@ from .templates import IGNORE_INDEX, ConversationError, ConversationTemplate, to
 class ConversationDataset(Dataset):
     """Tokenised conversations.
 
-    Lazily by default (instant start-up; worker processes share the work). `pretokenize=True`
+    Only assistant replies are supervised unless `supervise_all` (plain language-model training on
+    every token). Lazily by default (instant start-up; worker processes share the work). `pretokenize=True`
     tokenises every distinct segment in one batched call up front, so the training loop needs no
     worker processes competing with it for the CPU.
     """
 
     def __init__(self, records: Sequence[dict], tokenizer, template: ConversationTemplate, max_length: int,
-                 source: str = "<records>", pretokenize: bool = False):
+                 source: str = "<records>", pretokenize: bool = False, supervise_all: bool = False):
         self.records, self.tokenizer, self.template = records, tokenizer, template
-        self.max_length, self.source = max_length, source
+        self.max_length, self.source, self.supervise_all = max_length, source, supervise_all
         self.samples: list[dict] | None = None
         if pretokenize:
             texts = sorted({seg.text for i in range(len(records)) for seg in self._segments(i) if seg.text})
@@ -51,7 +52,8 @@ class ConversationDataset(Dataset):
                                            encode=encode)
         except ConversationError as error:
             raise self._error(index, error) from None
-        return {"input_ids": sample.input_ids, "labels": sample.labels}
+        # supervise_all: language-model pretraining on every token, prompts included.
+        return {"input_ids": sample.input_ids, "labels": list(sample.input_ids) if self.supervise_all else sample.labels}
 
 
 @dataclass

@@ -77,6 +77,10 @@ class ContrastiveModel(nn.Module):
     def from_pretrained(cls, name_or_path: str | Path) -> ContrastiveModel:
         return cls(CLIPModel.from_pretrained(str(name_or_path)))
 
+    @property
+    def max_text_length(self) -> int:
+        return self.clip.config.text_config.max_position_embeddings
+
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> L2-normalised [B, E]"""
         return F.normalize(_embedding(self.clip.get_image_features(pixel_values=pixel_values)), dim=-1)
@@ -98,10 +102,12 @@ class ContrastiveModel(nn.Module):
 
 @torch.no_grad()
 def zero_shot_classifier(model: ContrastiveModel, tokenizer, classnames: Sequence[str], templates: Sequence[str],
-                         max_length: int = 96) -> torch.Tensor:
+                         max_length: int | None = None) -> torch.Tensor:
     """Class embeddings [C, E]: per class, the mean of its normalised prompt embeddings, renormalised."""
+    max_length = max_length or model.max_text_length
     weights = []
     for name in classnames:
         ids, mask = pad_texts([encode_text(tokenizer, t.format(name), max_length) for t in templates], tokenizer.pad_token_id)
-        weights.append(F.normalize(model.encode_texts(ids, mask).mean(0), dim=-1))
+        device = next(model.parameters()).device
+        weights.append(F.normalize(model.encode_texts(ids.to(device), mask.to(device)).mean(0), dim=-1))
     return torch.stack(weights)

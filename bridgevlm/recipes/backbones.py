@@ -55,16 +55,17 @@ def make_backbones(recipe: BackboneRecipe, out_dir: str | Path, world_dir: str |
 
     start = time.time()
     tokenizer_dir = out_dir / "tokenizer"
-    train_tokenizer(_tokenizer_corpus(recipe, world_dir), recipe.tokenizer_vocab_size, tokenizer_dir)
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        train_tokenizer(_tokenizer_corpus(recipe, world_dir), recipe.tokenizer_vocab_size, tokenizer_dir)
     timings["tokenizer"] = time.time() - start
 
+    # Each stage resumes from its run directory's checkpoints, so an interrupted build loses nothing.
     results = {}
     for name, sub_recipe, run in (("clip", recipe.clip, run_clip), ("lm", recipe.lm, run_lm)):
-        start = time.time()
         sub_recipe.world, sub_recipe.tokenizer = str(world_dir), str(tokenizer_dir)
         results[name] = run(sub_recipe, out_dir / "runs" / name, progress=progress)
         _replace_dir(out_dir / "runs" / name / "model", out_dir / name)
-        timings[name] = time.time() - start
+        timings[name] = _training_seconds(out_dir / "runs" / name)
 
     manifest = {
         "command": command or " ".join(sys.argv),
@@ -73,13 +74,13 @@ def make_backbones(recipe: BackboneRecipe, out_dir: str | Path, world_dir: str |
         "world": to_dict(recipe.world),
         "train_seconds": {k: round(v, 1) for k, v in timings.items()},
         "steps": {name: r["steps"] for name, r in results.items()},
+        "lm_template": recipe.lm.template,
         "metrics": {name: r["metrics"] for name, r in results.items()},
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "threads": torch.get_num_threads(), "torch": torch.__version__},
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    history = {name: [h for h in r["history"] if "loss" in h or any(k.startswith("eval/") for k in h)]
-               for name, r in results.items()}
+    history = {name: _read_jsonl(out_dir / "runs" / name / "metrics.jsonl") for name in results}
     (out_dir / "history.json").write_text(json.dumps(history) + "\n")
     return manifest
 
@@ -95,6 +96,15 @@ def _tokenizer_corpus(recipe: BackboneRecipe, world_dir: Path):
         for message in record["conversations"]:
             yield message["value"]
     yield "USER: ASSISTANT: a photo of a picture of an image with a drawing of"
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _training_seconds(run_dir: Path) -> float:
+    """Training time summed over every (possibly resumed) session of a run, evaluation excluded."""
+    return sum(h.get("seconds", 0.0) for h in _read_jsonl(run_dir / "metrics.jsonl") if "loss" in h)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

@@ -12,6 +12,7 @@ from ..data.captions import ImageCaptionCollator, ImageCaptionDataset, caption_p
 from ..data.images import ImageProcessor
 from ..eval.clip_eval import evaluate_clip_on_world
 from ..models.contrastive import ContrastiveModel, TinyClipConfig, build_tiny_clip
+from ..train.distributed import init_distributed
 from ..train.loop import TrainConfig, train_stage
 
 
@@ -46,8 +47,11 @@ def run_clip(recipe: ClipRecipe, run_dir: str | Path, progress: bool = True) -> 
     def evaluate(model, step):
         return _scalars(evaluate_clip_on_world(model, tokenizer, processor, world, recipe.eval_split))
 
-    result = train_stage(clip, dataset, collate, recipe.train, run_dir, eval_fn=evaluate,
+    dist = init_distributed()
+    result = train_stage(clip, dataset, collate, recipe.train, run_dir, eval_fn=evaluate, dist=dist,
                          config_to_save=to_dict(recipe), progress=progress)
+    if not dist.is_main:  # rank 0 saves and evaluates; the others are done
+        return {"metrics": {}, "steps": result.steps, "history": result.history}
     clip.clip.save_pretrained(run_dir / "model")
     tokenizer.save_pretrained(run_dir / "model")
     metrics = _scalars(evaluate_clip_on_world(clip, tokenizer, processor, world, recipe.eval_split))

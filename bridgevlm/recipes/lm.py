@@ -17,10 +17,11 @@ from transformers import AutoTokenizer
 from ..config import save_config, to_dict
 from ..data.formats import read_conversations
 from ..data.shapes.world import scene_keys, text_conversations, write_json
-from ..data.templates import get_template
+from ..data.templates import IGNORE_INDEX, get_template, tokenize_conversation
 from ..data.text import ConversationDataset, PadCollator
 from ..eval.text_qa import evaluate_text_qa, prompt_messages
 from ..models.llm import LanguageModel, TinyLlamaConfig, build_tiny_llama
+from ..train.distributed import barrier, init_distributed
 from ..train.loop import TrainConfig, train_stage
 
 
@@ -35,7 +36,12 @@ class LmRecipe:
     corpus_scenes: int = 60000
     corpus_seed: int = 0
     turns_per_scene: int = 12
+    describe_probability: float = 0.35  # share of conversations that also ask for the scene's description
+    # Language-model loss on every token (prompts included), not only on replies: predicting the
+    # objects a question mentions trains the same look-up circuits that answering needs.
+    supervise_all: bool = True
     max_length: int = 512
+    pretokenize: bool = True  # tokenise the corpus up front, so no data workers compete with training
     eval_split: str = "val"
     eval_limit_per_family: int = 100
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -51,20 +57,25 @@ def run_lm(recipe: LmRecipe, run_dir: str | Path, progress: bool = True) -> dict
     model = LanguageModel.from_pretrained(recipe.pretrained) if recipe.pretrained else LanguageModel(
         build_tiny_llama(recipe.model, tokenizer))
 
+    dist = init_distributed()
     corpus_path = Path(recipe.corpus) if recipe.corpus else run_dir / "corpus.json"
-    if recipe.corpus is None and not corpus_path.is_file():
+    if recipe.corpus is None and not corpus_path.is_file() and dist.is_main:
         records = text_conversations(recipe.corpus_seed, recipe.corpus_scenes, scene_keys(recipe.world),
-                                     recipe.turns_per_scene)
+                                     recipe.turns_per_scene, describe_probability=recipe.describe_probability)
         write_json(corpus_path, records)
+    barrier()  # the other ranks read the corpus rank 0 wrote
     records = read_conversations(corpus_path)
-    dataset = ConversationDataset(records, tokenizer, template, recipe.max_length, source=str(corpus_path))
+    dataset = ConversationDataset(records, tokenizer, template, recipe.max_length, source=str(corpus_path),
+                                  pretokenize=recipe.pretokenize, supervise_all=recipe.supervise_all)
 
     def evaluate(lm, step):
         return evaluate_text_qa(lm, tokenizer, template, recipe.world, recipe.eval_split,
                                 limit_per_family=recipe.eval_limit_per_family)
 
     result = train_stage(model, dataset, PadCollator(tokenizer.pad_token_id), recipe.train, run_dir,
-                         eval_fn=evaluate, config_to_save=to_dict(recipe), progress=progress)
+                         eval_fn=evaluate, dist=dist, config_to_save=to_dict(recipe), progress=progress)
+    if not dist.is_main:  # rank 0 saves and evaluates; the others are done
+        return {"metrics": {}, "steps": result.steps, "history": result.history}
     model.model.save_pretrained(run_dir / "model")
     tokenizer.save_pretrained(run_dir / "model")
     metrics = evaluate_lm(model, tokenizer, template, recipe.world, recipe.eval_split)
@@ -78,6 +89,14 @@ def evaluate_lm(model: LanguageModel, tokenizer, template, world: str | Path, sp
     metrics = evaluate_text_qa(model, tokenizer, template, world, split, limit_per_family=limit_per_family)
     metrics["perplexity"] = answer_perplexity(model, tokenizer, template, world, split, limit_per_family)
     return metrics
+
+
+def _final_answer_only(tokenizer, template, messages: list[dict]) -> dict:
+    """Ids of the whole conversation, labels only on the last reply (earlier dialogue turns are context)."""
+    full = tokenize_conversation(tokenizer, template, messages)
+    prompt = tokenize_conversation(tokenizer, template, messages[:-1], add_generation_prompt=True)
+    labels = [IGNORE_INDEX] * len(prompt.input_ids) + full.labels[len(prompt.input_ids):]
+    return {"input_ids": full.input_ids, "labels": labels}
 
 
 @torch.no_grad()
@@ -94,12 +113,14 @@ def answer_perplexity(model: LanguageModel, tokenizer, template, world: str | Pa
         for item in items[:limit_per_family] if limit_per_family else items:
             messages = prompt_messages(scenes[item["scene_id"]]["detailed_caption"], item)
             records.append({"conversations": messages + [{"from": "gpt", "value": item["answer"]}]})
-    dataset = ConversationDataset(records, tokenizer, template, max_length=10**6)
+    samples = [_final_answer_only(tokenizer, template, r["conversations"]) for r in records]
     collate = PadCollator(tokenizer.pad_token_id)
     model.eval()
     total, count = 0.0, 0
-    for start in range(0, len(dataset), batch_size):
-        out = model(collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]))
+    for start in range(0, len(samples), batch_size):
+        batch = collate(samples[start:start + batch_size])
+        device = next(model.parameters()).device
+        out = model({k: v.to(device) for k, v in batch.items()})
         total += out.loss_sum.item()
         count += int(out.num_targets)
     return math.exp(total / count)

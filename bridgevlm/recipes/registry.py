@@ -19,7 +19,7 @@ RECIPES: dict[str, tuple[type, Callable]] = {
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()):
     """(task name, typed recipe) from a YAML file plus dotted overrides."""
     task = load_yaml(path).get("task")
-    if task not in RECIPES:
+    if not isinstance(task, str) or task not in RECIPES:
         raise ConfigError(f"{path}: field 'task' must be one of {', '.join(RECIPES)}, got {task!r}")
     recipe_cls, _ = RECIPES[task]
     return task, load_config(recipe_cls, path, overrides, skip_keys=("task",))

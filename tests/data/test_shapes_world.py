@@ -171,10 +171,10 @@ def _key_from_description(text: str) -> tuple:
     """Rebuild a scene's content key from its detailed caption (the text the LM sees as context)."""
     objects = tuple(
         (shape, colour, size, *_POSITION[pos])
-        for size, colour, shape, pos in re.findall(r"A (\w+) (\w+) (\w+) at the (\w+ \w+)\.", text)
+        for pos, size, colour, shape in re.findall(r"At the (\w+ \w+), a (\w+) (\w+) (\w+)\.", text)
     )
-    written = re.search(r"The (?:word|digit) (\w+) is written at the (\w+ \w+)\.", text)
-    return objects, ((written[1], *_POSITION[written[2]]) if written else None)
+    written = re.search(r"At the (\w+ \w+), the (?:word|digit) (\w+)\.", text)
+    return objects, ((written[2], *_POSITION[written[1]]) if written else None)
 
 
 def test_description_parser_matches_scene_key():

@@ -143,13 +143,14 @@ def detailed_caption(scene: Scene) -> str:
     """Every object with its size, colour, shape and position, in reading order.
 
     This is also the scene's text form that the language model learns to answer questions from.
+    Position comes first so that, under causal attention, an object's last word (its shape) can
+    see all of its attributes: a question is then answered by matching one token and reading it.
     """
     noun = "object" if len(scene.objects) == 1 else "objects"
     sentences = [f"There {'is' if len(scene.objects) == 1 else 'are'} {len(scene.objects)} {noun}."]
-    sentences += [f"A {o.phrase()} at the {o.position}." for o in scene.objects]
+    sentences += [f"At the {o.position}, a {o.phrase()}." for o in scene.objects]
     if scene.text:
-        kind = text_kind(scene.text.value)
-        sentences.append(f"The {kind} {scene.text.value} is written at the {scene.text.position}.")
+        sentences.append(f"At the {scene.text.position}, the {text_kind(scene.text.value)} {scene.text.value}.")
     return " ".join(sentences)
 
 

@@ -174,7 +174,7 @@ def build_world(out: str | Path, cfg: WorldConfig, progress: bool = True) -> Pat
         image_dir = out / "images" / split
         image_dir.mkdir(parents=True, exist_ok=True)
         captions, short_captions, instruct, scene_records = [], [], [], []
-        evals: dict[str, list[dict]] = {}
+        evals: dict[str, list[dict]] = {name: [] for name in (*FAMILIES, "classify")} if split != "train" else {}
         for scene in tqdm(split_scenes, desc=f"world {split}", disable=not progress, leave=False):
             image = f"{split}/{scene.id}.png"
             render_scene(scene, cfg.image_size).save(out / "images" / image, optimize=False, compress_level=6)

@@ -1,0 +1,110 @@
+import json
+
+import pytest
+import yaml
+from PIL import Image
+
+from bridgevlm.quickstart import QuickstartOptions, load_backbone_recipe, run_quickstart
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+CLIP_KEYS = ("zeroshot_accuracy", "recall_at_1")
+LM_KEYS = ("perplexity", "text_qa_accuracy")
+
+
+@pytest.fixture(scope="module")
+def quickstart(tiny_backbones, tmp_path_factory):
+    out = tmp_path_factory.mktemp("quickstart")
+    data = run_quickstart(QuickstartOptions(out=out, backbones=tiny_backbones, progress=False))
+    return out, data
+
+
+def test_report_json(quickstart, tiny_backbones, tiny):
+    out, data = quickstart
+    report = json.loads((out / "report.json").read_text())
+    assert report == data
+    for key in CLIP_KEYS:
+        assert 0.0 <= report["metrics"]["clip"][key] <= 1.0
+    assert 0.0 <= report["metrics"]["lm"]["text_qa_accuracy"] <= 1.0
+    assert report["metrics"]["lm"]["perplexity"] > 1.0
+    assert {"world", "evaluate clip", "evaluate lm", "total"} <= set(report["timings_s"])
+    assert all(seconds >= 0 for seconds in report["timings_s"].values())
+    # the world is rebuilt from the manifest: the one the backbones were made on
+    assert report["world"] == json.loads((tiny_backbones / "world" / "world.json").read_text())["splits"]
+    assert (out / "world" / "scenes" / "test.json").read_bytes() == \
+        (tiny_backbones / "world" / "scenes" / "test.json").read_bytes()
+
+
+def test_report_md_mentions_the_metrics_and_figures(quickstart):
+    out, data = quickstart
+    markdown = (out / "report.md").read_text()
+    assert markdown.startswith("# bridgevlm quickstart")
+    clip, lm = data["metrics"]["clip"], data["metrics"]["lm"]
+    for label, value in (("zero-shot accuracy (colour+shape)", clip["zeroshot_accuracy"]),
+                         ("image->text Recall@1", clip["recall_at_1"]),
+                         ("**mean**", lm["text_qa_accuracy"]), ("answer perplexity", lm["perplexity"])):
+        assert f"| {label} | {value:.3f} |" in markdown, label
+    assert "pytest tiny backbones" in markdown  # the manifest's command
+    assert "## Wall time" in markdown
+    for name in ("clip", "lm"):
+        assert f"(figures/{name}_loss.png)" in markdown
+
+
+def test_loss_figures_are_pngs(quickstart):
+    out, _ = quickstart
+    for name in ("clip", "lm"):
+        path = out / "figures" / f"{name}_loss.png"
+        with Image.open(path) as image:
+            assert image.format == "PNG"
+            image.verify()
+        with Image.open(path) as image:
+            assert image.size[0] > 100 and image.size[1] > 100
+
+
+def test_rerun_reuses_the_world(quickstart, tiny_backbones):
+    out, data = quickstart
+    world = (out / "world" / "world.json").stat().st_mtime_ns
+    again = run_quickstart(QuickstartOptions(out=out, backbones=tiny_backbones, progress=False))
+    assert (out / "world" / "world.json").stat().st_mtime_ns == world
+    assert again["metrics"] == data["metrics"]
+
+
+def test_missing_backbones_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="manifest.json not found"):
+        run_quickstart(QuickstartOptions(out=tmp_path / "out", backbones=tmp_path / "none", progress=False))
+
+
+def _recipe_file(tmp_path, tiny, steps):
+    path = tmp_path / "backbones.yaml"
+    path.write_text(yaml.safe_dump({"task": "backbones", **tiny.backbone_dict(steps)}))
+    return path
+
+
+@pytest.mark.parametrize("budget,steps", [(1.0, 4), (0.5, 4), (0.01, 4), (3.0, 2)])
+def test_budget_scales_every_stage(tmp_path, tiny, budget, steps):
+    recipe = load_backbone_recipe(_recipe_file(tmp_path, tiny, steps), budget)
+    expected = max(1, round(steps * budget))
+    assert recipe.clip.train.max_steps == recipe.lm.train.max_steps == expected
+    assert recipe.world.scenes == tiny.world_config["scenes"]
+
+
+def test_from_scratch(tmp_path, tiny):
+    recipe = _recipe_file(tmp_path, tiny, steps=2)
+    out = tmp_path / "qs"
+    data = run_quickstart(QuickstartOptions(out=out, from_scratch=True, recipe=recipe, budget=1.5, progress=False))
+    manifest = json.loads((out / "backbones" / "manifest.json").read_text())
+    assert manifest["steps"] == {"clip": 3, "lm": 3}  # 2 steps x budget 1.5
+    assert "--from-scratch" in manifest["command"] and "--budget 1.5" in manifest["command"]
+    assert manifest["world"]["scenes"] == tiny.world_config["scenes"]
+    assert (out / "backbones" / "tokenizer" / "tokenizer.json").is_file()
+    for name in ("clip", "lm"):
+        assert (out / "backbones" / name / "config.json").is_file()
+    assert (out / "world" / "world.json").is_file()
+    report = json.loads((out / "report.json").read_text())
+    assert report == data
+    assert "backbones (from scratch)" in report["timings_s"]
+    for key in CLIP_KEYS:
+        assert 0.0 <= report["metrics"]["clip"][key] <= 1.0
+    assert report["metrics"]["lm"]["perplexity"] > 1.0
+    assert (out / "figures" / "clip_loss.png").is_file() and (out / "figures" / "lm_loss.png").is_file()
+    assert "--from-scratch" in (out / "report.md").read_text()
