@@ -12,7 +12,7 @@ quickstart: $(VENV)/.installed
 	$(VENV)/bin/bridgevlm quickstart --out $(OUT)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest
+	$(PY) -m pytest -q
 
 install: $(VENV)/.installed
 

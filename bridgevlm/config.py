@@ -12,7 +12,6 @@ import dataclasses
 import difflib
 import functools
 import os
-import tempfile
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -20,6 +19,8 @@ from pathlib import Path, PurePath
 from typing import Any, Literal, TypeVar, Union
 
 import yaml
+
+from .io import atomic_write_text
 
 T = TypeVar("T")
 
@@ -462,21 +463,4 @@ def save_config(obj_or_dict: Any, path: str | os.PathLike) -> None:
         data = _plain(obj_or_dict)
     else:
         raise TypeError(f"save_config expects a dataclass instance or a mapping, got {type(obj_or_dict).__name__}")
-    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates 0600; keep an existing file's mode, else use the usual 0644.
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))

@@ -10,17 +10,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import AutoTokenizer
-
 from .config import from_dict, load_yaml
-from .data.images import ImageProcessor
 from .data.shapes.world import WorldConfig, build_world
-from .data.templates import get_template
-from .eval.clip_eval import evaluate_clip_on_world
-from .models.contrastive import ContrastiveModel
-from .models.llm import LanguageModel
-from .recipes.backbones import SHIPPED, BackboneRecipe, load_manifest, make_backbones
-from .recipes.lm import evaluate_lm
+from .recipes.backbones import SHIPPED, BackboneRecipe, evaluate_backbones, load_manifest, make_backbones
 from .report import Report, Section, markdown_table, plot_curves
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -65,22 +57,12 @@ def run_quickstart(options: QuickstartOptions) -> dict:
 
     # 3. Evaluate the backbones on the test scenes.
     step_start = time.time()
-    _say(options, "Evaluating the vision encoder (CLIP) on test scenes")
-    clip = ContrastiveModel.from_pretrained(backbones / "clip")
-    tokenizer = AutoTokenizer.from_pretrained(backbones / "clip")
-    processor = ImageProcessor(size=clip.clip.config.vision_config.image_size)
-    clip_metrics = {k: v for k, v in evaluate_clip_on_world(clip, tokenizer, processor, world_dir, "test").items()}
+    _say(options, "Evaluating the backbones on test scenes: CLIP zero-shot and retrieval, LM text questions")
+    metrics = evaluate_backbones(backbones, world_dir, "test", manifest.get("lm_template", "vicuna_v1_nosys"))
+    clip_metrics, lm_metrics = metrics["clip"], metrics["lm"]
     report.add_metrics("clip", clip_metrics)
-    report.add_timing("evaluate clip", time.time() - step_start)
-
-    step_start = time.time()
-    _say(options, "Evaluating the language model on text questions about test scenes")
-    lm = LanguageModel.from_pretrained(backbones / "lm")
-    lm_tokenizer = AutoTokenizer.from_pretrained(backbones / "lm")
-    template_name = manifest.get("lm_template", "vicuna_v1_nosys")
-    lm_metrics = evaluate_lm(lm, lm_tokenizer, get_template(template_name), world_dir, "test")
     report.add_metrics("lm", lm_metrics)
-    report.add_timing("evaluate lm", time.time() - step_start)
+    report.add_timing("evaluate backbones", time.time() - step_start)
 
     _backbone_sections(report, out, backbones, manifest, clip_metrics, lm_metrics)
     report.add_timing("total", time.time() - started)

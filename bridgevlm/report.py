@@ -2,11 +2,11 @@
 so that each stage of a pipeline adds its own metrics, tables and figures."""
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
+
+from .io import atomic_write_text, write_json
 
 
 @dataclass
@@ -39,7 +39,7 @@ class Report:
     def write(self) -> tuple[Path, Path]:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         json_path, md_path = self.out_dir / "report.json", self.out_dir / "report.md"
-        _atomic_write(json_path, json.dumps(self.data, indent=1) + "\n")
+        write_json(json_path, self.data)
         lines = [f"# {self.title}", ""]
         for section in self.sections:
             lines += [f"## {section.title}", ""]
@@ -52,7 +52,7 @@ class Report:
                 lines.append("")
         if self.data["timings_s"]:
             lines += ["## Wall time", "", markdown_table(["step", "seconds"], list(self.data["timings_s"].items()))]
-        _atomic_write(md_path, "\n".join(lines) + "\n")
+        atomic_write_text(md_path, "\n".join(lines) + "\n")
         return json_path, md_path
 
 
@@ -90,9 +90,3 @@ def plot_curves(path: str | Path, curves: dict[str, tuple[list[float], list[floa
     fig.savefig(path)
     plt.close(fig)
     return path
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -15,15 +15,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 from ..config import save_config, to_dict
+from ..data.images import ImageProcessor
+from ..data.templates import get_template
+from ..eval.clip_eval import evaluate_clip_on_world
+from ..io import write_json
+from ..models.contrastive import ContrastiveModel
+from ..models.llm import LanguageModel
 from ..data.formats import read_conversations
 from ..data.shapes.world import WorldConfig, build_world, scene_keys, text_conversations
 from ..models.tokenizer import train_tokenizer
 from .clip import ClipRecipe, run_clip
-from .lm import LmRecipe, run_lm
+from .lm import LmRecipe, evaluate_lm, run_lm
 
 SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "backbones"
+CHECK_LIMIT = 40
 
 
 @dataclass
@@ -67,6 +75,8 @@ def make_backbones(recipe: BackboneRecipe, out_dir: str | Path, world_dir: str |
         _replace_dir(out_dir / "runs" / name / "model", out_dir / name)
         timings[name] = _training_seconds(out_dir / "runs" / name)
 
+    test_metrics = evaluate_backbones(out_dir, world_dir, "test", recipe.lm.template)
+    check_metrics = evaluate_backbones(out_dir, world_dir, "test", recipe.lm.template, limit_per_family=CHECK_LIMIT)
     manifest = {
         "command": command or " ".join(sys.argv),
         "seed": {"world": recipe.world.seed, "clip": recipe.clip.train.seed, "lm": recipe.lm.train.seed,
@@ -75,14 +85,32 @@ def make_backbones(recipe: BackboneRecipe, out_dir: str | Path, world_dir: str |
         "train_seconds": {k: round(v, 1) for k, v in timings.items()},
         "steps": {name: r["steps"] for name, r in results.items()},
         "lm_template": recipe.lm.template,
-        "metrics": {name: r["metrics"] for name, r in results.items()},
+        "val_metrics": {name: r["metrics"] for name, r in results.items()},
+        "test_metrics": test_metrics,
+        # A quick re-check (first CHECK_LIMIT items per family) that tests compare the shipped files against.
+        "check_metrics": check_metrics,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "threads": torch.get_num_threads(), "torch": torch.__version__},
     }
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    write_json(out_dir / "manifest.json", manifest)
     history = {name: _read_jsonl(out_dir / "runs" / name / "metrics.jsonl") for name in results}
-    (out_dir / "history.json").write_text(json.dumps(history) + "\n")
+    write_json(out_dir / "history.json", history, indent=None)
     return manifest
+
+
+def evaluate_backbones(backbones_dir: str | Path, world_dir: str | Path, split: str = "test",
+                       template: str = "vicuna_v1_nosys", limit_per_family: int | None = None) -> dict:
+    """{'clip': zero-shot + retrieval, 'lm': text QA + answer perplexity} on a world's split."""
+    backbones_dir = Path(backbones_dir)
+    clip = ContrastiveModel.from_pretrained(backbones_dir / "clip")
+    clip_tokenizer = AutoTokenizer.from_pretrained(backbones_dir / "clip")
+    processor = ImageProcessor(size=clip.clip.config.vision_config.image_size)
+    lm = LanguageModel.from_pretrained(backbones_dir / "lm")
+    lm_tokenizer = AutoTokenizer.from_pretrained(backbones_dir / "lm")
+    return {
+        "clip": evaluate_clip_on_world(clip, clip_tokenizer, processor, world_dir, split),
+        "lm": evaluate_lm(lm, lm_tokenizer, get_template(template), world_dir, split, limit_per_family),
+    }
 
 
 def _tokenizer_corpus(recipe: BackboneRecipe, world_dir: Path):

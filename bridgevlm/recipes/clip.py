@@ -1,7 +1,6 @@
 """Contrastive (CLIP) training on image-caption pairs, evaluated by zero-shot classification and retrieval."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from ..config import save_config, to_dict
 from ..data.captions import ImageCaptionCollator, ImageCaptionDataset, caption_pairs
 from ..data.images import ImageProcessor
 from ..eval.clip_eval import evaluate_clip_on_world
+from ..io import write_json
 from ..models.contrastive import ContrastiveModel, TinyClipConfig, build_tiny_clip
 from ..train.distributed import init_distributed
 from ..train.loop import TrainConfig, train_stage
@@ -55,7 +55,7 @@ def run_clip(recipe: ClipRecipe, run_dir: str | Path, progress: bool = True) -> 
     clip.clip.save_pretrained(run_dir / "model")
     tokenizer.save_pretrained(run_dir / "model")
     metrics = _scalars(evaluate_clip_on_world(clip, tokenizer, processor, world, recipe.eval_split))
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    write_json(run_dir / "metrics.json", metrics)
     return {"metrics": metrics, "steps": result.steps, "history": result.history}
 
 

@@ -16,10 +16,11 @@ from transformers import AutoTokenizer
 
 from ..config import save_config, to_dict
 from ..data.formats import read_conversations
-from ..data.shapes.world import scene_keys, text_conversations, write_json
+from ..data.shapes.world import scene_keys, text_conversations
 from ..data.templates import IGNORE_INDEX, get_template, tokenize_conversation
 from ..data.text import ConversationDataset, PadCollator
 from ..eval.text_qa import evaluate_text_qa, prompt_messages
+from ..io import write_json
 from ..models.llm import LanguageModel, TinyLlamaConfig, build_tiny_llama
 from ..train.distributed import barrier, init_distributed
 from ..train.loop import TrainConfig, train_stage
@@ -37,6 +38,7 @@ class LmRecipe:
     corpus_seed: int = 0
     turns_per_scene: int = 12
     describe_probability: float = 0.35  # share of conversations that also ask for the scene's description
+    describe_first: bool = False  # ask for it before the questions rather than after
     # Language-model loss on every token (prompts included), not only on replies: predicting the
     # objects a question mentions trains the same look-up circuits that answering needs.
     supervise_all: bool = True
@@ -61,7 +63,8 @@ def run_lm(recipe: LmRecipe, run_dir: str | Path, progress: bool = True) -> dict
     corpus_path = Path(recipe.corpus) if recipe.corpus else run_dir / "corpus.json"
     if recipe.corpus is None and not corpus_path.is_file() and dist.is_main:
         records = text_conversations(recipe.corpus_seed, recipe.corpus_scenes, scene_keys(recipe.world),
-                                     recipe.turns_per_scene, describe_probability=recipe.describe_probability)
+                                     recipe.turns_per_scene, describe_probability=recipe.describe_probability,
+                                     describe_first=recipe.describe_first)
         write_json(corpus_path, records)
     barrier()  # the other ranks read the corpus rank 0 wrote
     records = read_conversations(corpus_path)
@@ -79,7 +82,7 @@ def run_lm(recipe: LmRecipe, run_dir: str | Path, progress: bool = True) -> dict
     model.model.save_pretrained(run_dir / "model")
     tokenizer.save_pretrained(run_dir / "model")
     metrics = evaluate_lm(model, tokenizer, template, recipe.world, recipe.eval_split)
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    write_json(run_dir / "metrics.json", metrics)
     return {"metrics": metrics, "steps": result.steps, "history": result.history}
 
 

@@ -200,3 +200,13 @@ def test_text_conversations_respect_exclude():
         roles = [m["from"] for m in record["conversations"]]
         assert roles == ["human", "gpt"] * (len(roles) // 2) and len(roles) >= 4
         assert "<image>" not in json.dumps(record)
+
+
+def test_writing_only_some_splits_gives_the_same_files(tmp_path):
+    cfg = WorldConfig(seed=4, scenes=60)
+    full = build_world(tmp_path / "full", cfg, progress=False)
+    only_test = build_world(tmp_path / "test_only", cfg, progress=False, splits=("test",))
+    test_files = sorted(p.relative_to(only_test) for p in only_test.rglob("*") if p.is_file())
+    assert test_files and not any({"train", "val", "train.json", "val.json"} & set(p.parts) for p in test_files)
+    for relative in test_files:
+        assert (only_test / relative).read_bytes() == (full / relative).read_bytes(), relative

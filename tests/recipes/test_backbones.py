@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPModel
 
 from bridgevlm.config import from_dict, load_config, to_dict
 from bridgevlm.data.shapes.world import WorldConfig
-from bridgevlm.recipes.backbones import BackboneRecipe, load_manifest
+from bridgevlm.recipes.backbones import CHECK_LIMIT, BackboneRecipe, evaluate_backbones, load_manifest
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -58,11 +58,20 @@ def test_manifest(tiny_backbones, tiny):
     assert set(manifest["train_seconds"]) == {"world", "tokenizer", "clip", "lm"}
     assert all(seconds >= 0 for seconds in manifest["train_seconds"].values())
     assert manifest["steps"] == {"clip": STEPS, "lm": STEPS}
-    clip, lm = manifest["metrics"]["clip"], manifest["metrics"]["lm"]
-    assert 0 <= clip["zeroshot_accuracy"] <= 1 and 0 <= clip["recall_at_1"] <= 1
+    clip, lm = manifest["val_metrics"]["clip"], manifest["val_metrics"]["lm"]
+    assert 0 <= clip["recall_at_1"] <= 1
     assert 0 <= lm["text_qa_accuracy"] <= 1 and lm["perplexity"] > 1
     assert clip == json.loads((tiny_backbones / "runs" / "clip" / "metrics.json").read_text())
     assert lm == json.loads((tiny_backbones / "runs" / "lm" / "metrics.json").read_text())
+    # test-split scores are recorded in full and on the first CHECK_LIMIT items per family
+    assert set(manifest["test_metrics"]) == set(manifest["check_metrics"]) == {"clip", "lm"}
+    assert 0 <= manifest["test_metrics"]["lm"]["text_qa_accuracy"] <= 1
+
+
+def test_evaluate_backbones_reproduces_the_recorded_check(tiny_backbones):
+    manifest = load_manifest(tiny_backbones)
+    again = evaluate_backbones(tiny_backbones, tiny_backbones / "world", "test", limit_per_family=CHECK_LIMIT)
+    assert again == manifest["check_metrics"]
     assert {"platform", "threads", "torch"} <= set(manifest["machine"])
 
 

@@ -15,12 +15,13 @@ read it are the ones that read real LLaVA / COCO-style data):
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
+
+from ...io import write_json
 
 from .families import FAMILIES, HELD_IN, HELD_OUT, ask
 from .render import render_scene
@@ -107,7 +108,7 @@ def eval_items(scene: Scene, rng: np.random.Generator, image: str) -> dict[str, 
 
 
 def text_conversations(seed: int, num_scenes: int, exclude: set, turns: int, text_probability: float = 0.35,
-                       describe_probability: float = 0.2):
+                       describe_probability: float = 0.2, describe_first: bool = False):
     """Scenes-as-text conversations covering *every* family, held-out ones included, for
     pretraining the embedded language model. The scene's description opens the first user turn,
     where the image will stand later; some conversations also ask for the description itself, so
@@ -123,7 +124,13 @@ def text_conversations(seed: int, num_scenes: int, exclude: set, turns: int, tex
         messages = conversation(scene, rng, families, turns, detailed_caption(scene))
         if rng.random() < describe_probability:
             prompt = CAPTION_PROMPTS[rng.integers(len(CAPTION_PROMPTS))]
-            messages += [{"from": "human", "value": prompt}, {"from": "gpt", "value": detailed_caption(scene)}]
+            describe = [{"from": "human", "value": prompt}, {"from": "gpt", "value": detailed_caption(scene)}]
+            if describe_first:  # right after the scene: a dense copying task that forms look-up heads early
+                describe[0]["value"] = messages[0]["value"].split("\n", 1)[0] + "\n" + prompt
+                messages[0]["value"] = messages[0]["value"].split("\n", 1)[1]
+                messages = describe + messages
+            else:
+                messages += describe
         records.append({"id": scene.id, "conversations": messages})
     return records
 
@@ -135,13 +142,6 @@ def scene_keys(world_dir: str | Path, splits=("val", "test")) -> set:
         path = Path(world_dir) / "scenes" / f"{split}.json"
         keys |= {Scene.from_json(r).key() for r in json.loads(path.read_text(encoding="utf-8"))}
     return keys
-
-
-def write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def world_description(cfg: WorldConfig, counts: dict[str, int]) -> dict:
@@ -164,13 +164,20 @@ def world_description(cfg: WorldConfig, counts: dict[str, int]) -> dict:
     }
 
 
-def build_world(out: str | Path, cfg: WorldConfig, progress: bool = True) -> Path:
-    """Write the whole world under `out`. Same config, same bytes."""
+def build_world(out: str | Path, cfg: WorldConfig, progress: bool = True, splits: tuple[str, ...] = SPLITS) -> Path:
+    """Write the world under `out`. Same config, same bytes.
+
+    `splits` limits which splits are rendered and written (e.g. only "test" to evaluate); every
+    split's scenes are still drawn, so a split's content never depends on which others are written.
+    """
     out = Path(out)
     scenes = sample_scenes(cfg)
-    rng = np.random.default_rng([cfg.seed, 2])
     by_split: dict[str, list[Scene]] = {s: [sc for sc in scenes if sc.split == s] for s in SPLITS}
     for split, split_scenes in by_split.items():
+        if split not in splits:
+            continue
+        # One stream per split, so questions and prompts do not depend on the other splits either.
+        rng = np.random.default_rng([cfg.seed, 2, SPLITS.index(split)])
         image_dir = out / "images" / split
         image_dir.mkdir(parents=True, exist_ok=True)
         captions, short_captions, instruct, scene_records = [], [], [], []
