@@ -13,7 +13,7 @@ from ..eval.clip_eval import evaluate_clip_on_world
 from ..io import write_json
 from ..models.contrastive import ContrastiveModel, TinyClipConfig, build_tiny_clip
 from ..train.distributed import init_distributed
-from ..train.loop import TrainConfig, train_stage
+from ..train.loop import TrainConfig, seed_everything, train_stage
 
 
 @dataclass
@@ -34,6 +34,7 @@ def run_clip(recipe: ClipRecipe, run_dir: str | Path, progress: bool = True) -> 
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(to_dict(recipe), run_dir / "config.yaml")
     tokenizer = AutoTokenizer.from_pretrained(recipe.tokenizer)
+    seed_everything(recipe.train.seed)  # before building: initial weights depend on it
     clip = ContrastiveModel.from_pretrained(recipe.pretrained) if recipe.pretrained else ContrastiveModel(
         build_tiny_clip(recipe.model, tokenizer))
     image_size = clip.clip.config.vision_config.image_size

@@ -23,7 +23,7 @@ from ..eval.text_qa import evaluate_text_qa, prompt_messages
 from ..io import write_json
 from ..models.llm import LanguageModel, TinyLlamaConfig, build_tiny_llama
 from ..train.distributed import barrier, init_distributed
-from ..train.loop import TrainConfig, train_stage
+from ..train.loop import TrainConfig, seed_everything, train_stage
 
 
 @dataclass
@@ -56,6 +56,7 @@ def run_lm(recipe: LmRecipe, run_dir: str | Path, progress: bool = True) -> dict
     save_config(to_dict(recipe), run_dir / "config.yaml")
     tokenizer = AutoTokenizer.from_pretrained(recipe.tokenizer)
     template = get_template(recipe.template)
+    seed_everything(recipe.train.seed)  # before building: initial weights depend on it
     model = LanguageModel.from_pretrained(recipe.pretrained) if recipe.pretrained else LanguageModel(
         build_tiny_llama(recipe.model, tokenizer))
 

@@ -103,7 +103,7 @@ def train_stage(
     _check_config(cfg)
 
     # Build: seed, move, and show what trains.
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     model.to(device)
     model.train()
     if dist.is_main:
@@ -314,7 +314,7 @@ def _check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"unknown precision {cfg.precision!r}; valid: fp32, bf16")
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
     # Every rank gets the same seed (as the Hugging Face Trainer does), so the checkpoint can keep
     # rank 0's RNG state for all of them.
     random.seed(seed)

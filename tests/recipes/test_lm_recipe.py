@@ -174,3 +174,16 @@ def _small_world(world, description, root):
         (root / name).symlink_to(world / name)
     (root / "world.json").write_text(json.dumps(description))
     return root
+
+
+def test_same_seed_gives_the_same_first_step_loss(shapes_world, world_tokenizer_dir, tiny, tmp_path):
+    losses = []
+    for name in ("first", "second"):
+        recipe = tiny.lm(shapes_world, world_tokenizer_dir, max_steps=1, log_every=1)
+        run_lm(recipe, tmp_path / name, progress=False)
+        assert (tmp_path / "first" / "corpus.json").read_bytes() == (tmp_path / name / "corpus.json").read_bytes()
+        losses.append([line["loss"] for line in _lines(tmp_path / name) if "loss" in line][0])
+    assert losses[0] == losses[1]
+    other = tiny.lm(shapes_world, world_tokenizer_dir, max_steps=1, log_every=1, seed=1)
+    run_lm(other, tmp_path / "other_seed", progress=False)
+    assert [line["loss"] for line in _lines(tmp_path / "other_seed") if "loss" in line][0] != losses[0]
