@@ -105,7 +105,8 @@ def _train(args) -> int:
     from .recipes.registry import run_recipe_file
 
     result = run_recipe_file(args.recipe, args.overrides, args.out, progress=not args.no_progress)
-    print(json.dumps(result.get("metrics", {}), indent=1))
+    if result.get("metrics"):  # under torchrun only rank 0 evaluates
+        print(json.dumps(result["metrics"], indent=1))
     return 0
 
 

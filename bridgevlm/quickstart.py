@@ -10,12 +10,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import from_dict, load_yaml
-from .data.shapes.world import WorldConfig, build_world
+from .config import ConfigError, from_dict, to_dict
+from .data.shapes.world import WorldConfig, build_world, load_world_description
 from .recipes.backbones import SHIPPED, BackboneRecipe, evaluate_backbones, load_manifest, make_backbones
+from .recipes.registry import load_recipe
 from .report import Report, Section, markdown_table, plot_curves
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+# The repository's recipe; an installed package falls back to the copy saved with the shipped backbones.
+DEFAULT_RECIPE = CONFIGS / "shapes" / "backbones.yaml"
+if not DEFAULT_RECIPE.is_file():
+    DEFAULT_RECIPE = SHIPPED / "recipe.yaml"
 
 
 @dataclass
@@ -24,7 +29,7 @@ class QuickstartOptions:
     from_scratch: bool = False
     budget: float = 1.0  # scales training steps of every stage that trains
     backbones: Path = SHIPPED
-    recipe: Path = CONFIGS / "shapes" / "backbones.yaml"
+    recipe: Path = DEFAULT_RECIPE
     progress: bool = True
 
 
@@ -49,9 +54,15 @@ def run_quickstart(options: QuickstartOptions) -> dict:
     # 2. The world: the one the backbones were made on, so its test scenes were never trained on.
     step_start = time.time()
     world_dir = out / "world"
-    if not (world_dir / "world.json").is_file():
+    world_cfg = from_dict(WorldConfig, manifest["world"], "manifest.json")
+    if (world_dir / "world.json").is_file():
+        existing = load_world_description(world_dir)["config"]
+        if existing != to_dict(world_cfg):
+            raise ConfigError(f"{world_dir} holds a world made with {existing}, but the backbones were made on "
+                              f"{to_dict(world_cfg)}; use a new --out directory")
+    else:
         _say(options, f"Generating the Shapes world in {world_dir}")
-        build_world(world_dir, from_dict(WorldConfig, manifest["world"], "manifest.json"), progress=options.progress)
+        build_world(world_dir, world_cfg, progress=options.progress)
     report.add_timing("world", time.time() - step_start)
     report.set("world", json.loads((world_dir / "world.json").read_text())["splits"])
 
@@ -67,20 +78,33 @@ def run_quickstart(options: QuickstartOptions) -> dict:
     _backbone_sections(report, out, backbones, manifest, clip_metrics, lm_metrics)
     report.add_timing("total", time.time() - started)
     json_path, md_path = report.write()
-    _say(options, f"\nReport: {md_path}\n        {json_path}")
+    _say(options, "\n" + summary(clip_metrics, lm_metrics) + f"\n\nReport: {md_path}\n        {json_path}")
     return report.data
 
 
 def load_backbone_recipe(path: Path, budget: float) -> BackboneRecipe:
-    recipe = from_dict(BackboneRecipe, {k: v for k, v in load_yaml(path).items() if k != "task"}, str(path))
+    """The backbone recipe with every stage's steps multiplied by `budget`."""
+    task, recipe = load_recipe(path)
+    if task != "backbones":
+        raise ConfigError(f"{path}: --from-scratch needs a recipe with task: backbones, got task: {task}")
     for sub in (recipe.clip, recipe.lm):
         sub.train.max_steps = max(1, round(sub.train.max_steps * budget))
     return recipe
 
 
+def summary(clip: dict, lm: dict) -> str:
+    """A few lines for the terminal."""
+    lines = [f"CLIP  zero-shot accuracy {clip.get('zeroshot_accuracy', float('nan')):.3f}   "
+             f"image->text R@1 {clip['recall_at_1']:.3f}",
+             f"LM    text QA accuracy {lm['text_qa_accuracy']:.3f}   answer perplexity {lm['perplexity']:.3f}"]
+    families = sorted(k.split(".", 1)[1] for k in lm if k.startswith("text_qa."))
+    lines.append("      " + "  ".join(f"{family} {lm['text_qa.' + family]:.2f}" for family in families))
+    return "\n".join(lines)
+
+
 def _backbone_sections(report: Report, out: Path, backbones: Path, manifest: dict, clip: dict, lm: dict) -> None:
     families = sorted(k.split(".", 1)[1] for k in lm if k.startswith("text_qa."))
-    clip_rows = [[name, clip[key]] for name, key in (
+    clip_rows = [[name, clip.get(key, "n/a")] for name, key in (
         ("zero-shot accuracy (colour+shape)", "zeroshot_accuracy"), ("  colour", "zeroshot_colour_accuracy"),
         ("  shape", "zeroshot_shape_accuracy"), ("image->text Recall@1", "recall_at_1"),
         ("image->text Recall@5", "recall_at_5"), ("text->image Recall@1", "text_recall_at_1"))]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -29,9 +29,10 @@ class ImageCaptionDataset(Dataset):
     """Yields uint8 pixels (normalised per batch by the collator) and the tokenised caption."""
 
     def __init__(self, pairs: Sequence[tuple[str, str]], image_root: str | Path, tokenizer, processor: ImageProcessor,
-                 max_text_length: int = 96):
+                 max_text_length: int = 96, negatives: Callable[[str, int], str | None] | None = None):
         self.pairs, self.image_root = list(pairs), Path(image_root)
         self.tokenizer, self.processor, self.max_text_length = tokenizer, processor, max_text_length
+        self.negatives = negatives  # caption, index -> a hard-negative caption or None
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -39,7 +40,11 @@ class ImageCaptionDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         image_path, caption = self.pairs[index]
         image = load_image(self.image_root / image_path, sample=str(index))
-        return {"pixels": self.processor.to_uint8(image), "text_ids": encode_text(self.tokenizer, caption, self.max_text_length)}
+        sample = {"pixels": self.processor.to_uint8(image), "text_ids": encode_text(self.tokenizer, caption, self.max_text_length)}
+        if self.negatives is not None:
+            negative = self.negatives(caption, index)
+            sample["negative_ids"] = encode_text(self.tokenizer, negative, self.max_text_length) if negative else None
+        return sample
 
 
 def encode_text(tokenizer, text: str, max_length: int) -> list[int]:
@@ -66,4 +71,11 @@ class ImageCaptionCollator:
     def __call__(self, samples: Sequence[dict]) -> dict:
         ids, mask = pad_texts([s["text_ids"] for s in samples], self.pad_token_id)
         pixels = self.processor.normalize(torch.stack([s["pixels"] for s in samples]))
-        return {"pixel_values": pixels, "input_ids": ids, "attention_mask": mask}
+        batch = {"pixel_values": pixels, "input_ids": ids, "attention_mask": mask}
+        if any("negative_ids" in s for s in samples):
+            present = [s.get("negative_ids") is not None for s in samples]
+            # A sample without a negative gets its own caption as a placeholder, masked out of the loss.
+            texts = [s["negative_ids"] if ok else s["text_ids"] for s, ok in zip(samples, present)]
+            batch["negative_input_ids"], batch["negative_attention_mask"] = pad_texts(texts, self.pad_token_id)
+            batch["negative_present"] = torch.tensor(present)
+        return batch

@@ -60,12 +60,23 @@ def _embedding(output) -> torch.Tensor:
     return output.pooler_output if hasattr(output, "pooler_output") else output
 
 
-def contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE over in-batch negatives. Embeddings [B, E], L2-normalised; returns the mean."""
+def contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
+                     negative_embeds: torch.Tensor | None = None, negative_present: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE over in-batch negatives. Embeddings [B, E], L2-normalised; returns the mean.
+
+    Optional hard negatives [B, E] (NegCLIP) join the candidates of the image->text direction;
+    `negative_present` [B] masks out the samples that have none.
+    """
     scale = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
     logits = scale * image_embeds @ text_embeds.t()  # [B, B], image i vs text j
     targets = torch.arange(len(logits), device=logits.device)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+    image_to_text = logits
+    if negative_embeds is not None:
+        hard = scale * image_embeds @ negative_embeds.t()  # [B, B]
+        if negative_present is not None:
+            hard = hard.masked_fill(~negative_present.bool()[None, :], float("-inf"))
+        image_to_text = torch.cat([logits, hard], dim=1)  # [B, 2B]
+    return (F.cross_entropy(image_to_text, targets) + F.cross_entropy(logits.t(), targets)) / 2
 
 
 class ContrastiveModel(nn.Module):
@@ -93,7 +104,10 @@ class ContrastiveModel(nn.Module):
     def forward(self, batch: dict) -> LossOutput:
         images = self.encode_images(batch["pixel_values"])
         texts = self.encode_texts(batch["input_ids"], batch["attention_mask"])
-        loss = contrastive_loss(images, texts, self.clip.logit_scale)
+        negatives = None
+        if "negative_input_ids" in batch:
+            negatives = self.encode_texts(batch["negative_input_ids"], batch["negative_attention_mask"])
+        loss = contrastive_loss(images, texts, self.clip.logit_scale, negatives, batch.get("negative_present"))
         count = torch.tensor(len(images))
         scale = self.clip.logit_scale.detach().clamp(max=MAX_LOGIT_SCALE).exp().item()
         # The in-batch loss is a mean over pairs; as a sum over the batch it fits the loop's target weighting.

@@ -27,6 +27,7 @@ from ..models.llm import LanguageModel
 from ..data.formats import read_conversations
 from ..data.shapes.world import WorldConfig, build_world, scene_keys, text_conversations
 from ..models.tokenizer import train_tokenizer
+from ..train.distributed import barrier, init_distributed
 from .clip import ClipRecipe, run_clip
 from .lm import LmRecipe, evaluate_lm, run_lm
 
@@ -52,33 +53,39 @@ def make_backbones(recipe: BackboneRecipe, out_dir: str | Path, world_dir: str |
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(to_dict(recipe), out_dir / "recipe.yaml")
+    save_config({"task": "backbones", **to_dict(recipe)}, out_dir / "recipe.yaml")
     timings = {}
 
+    dist = init_distributed()
     start = time.time()
     world_dir = Path(world_dir) if world_dir else out_dir / "world"
-    if not (world_dir / "world.json").is_file():
+    if not (world_dir / "world.json").is_file() and dist.is_main:
         build_world(world_dir, recipe.world, progress=progress)
     timings["world"] = time.time() - start
 
     start = time.time()
     tokenizer_dir = out_dir / "tokenizer"
-    if not (tokenizer_dir / "tokenizer.json").is_file():
+    if not (tokenizer_dir / "tokenizer.json").is_file() and dist.is_main:
         train_tokenizer(_tokenizer_corpus(recipe, world_dir), recipe.tokenizer_vocab_size, tokenizer_dir)
     timings["tokenizer"] = time.time() - start
+    barrier()  # under torchrun, the other ranks use what rank 0 wrote
 
     # Each stage resumes from its run directory's checkpoints, so an interrupted build loses nothing.
     results = {}
     for name, sub_recipe, run in (("clip", recipe.clip, run_clip), ("lm", recipe.lm, run_lm)):
         sub_recipe.world, sub_recipe.tokenizer = str(world_dir), str(tokenizer_dir)
         results[name] = run(sub_recipe, out_dir / "runs" / name, progress=progress)
+        if not dist.is_main:
+            continue
         _replace_dir(out_dir / "runs" / name / "model", out_dir / name)
         timings[name] = _training_seconds(out_dir / "runs" / name)
 
+    if not dist.is_main:
+        return {}
     test_metrics = evaluate_backbones(out_dir, world_dir, "test", recipe.lm.template)
     check_metrics = evaluate_backbones(out_dir, world_dir, "test", recipe.lm.template, limit_per_family=CHECK_LIMIT)
     manifest = {
-        "command": command or " ".join(sys.argv),
+        "command": command or "bridgevlm " + " ".join(sys.argv[1:]),
         "seed": {"world": recipe.world.seed, "clip": recipe.clip.train.seed, "lm": recipe.lm.train.seed,
                  "lm_corpus": recipe.lm.corpus_seed},
         "world": to_dict(recipe.world),

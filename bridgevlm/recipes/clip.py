@@ -8,6 +8,7 @@ from transformers import AutoTokenizer
 
 from ..config import save_config, to_dict
 from ..data.captions import ImageCaptionCollator, ImageCaptionDataset, caption_pairs
+from ..data.hard_negatives import WordSwapNegatives
 from ..data.images import ImageProcessor
 from ..eval.clip_eval import evaluate_clip_on_world
 from ..io import write_json
@@ -24,6 +25,8 @@ class ClipRecipe:
     model: TinyClipConfig = field(default_factory=TinyClipConfig)
     # Caption files (LLaVA pre-training form) relative to the world; every (image, caption) pair is a sample.
     captions: list[str] = field(default_factory=lambda: ["captions/train.json", "captions_short/train.json"])
+    # Word classes for NegCLIP hard negatives (one word swapped within its class); empty: none.
+    hard_negative_words: list[list[str]] = field(default_factory=list)
     eval_split: str = "val"
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -42,7 +45,8 @@ def run_clip(recipe: ClipRecipe, run_dir: str | Path, progress: bool = True) -> 
 
     world = Path(recipe.world)
     pairs = [pair for name in recipe.captions for pair in caption_pairs(world / name)]
-    dataset = ImageCaptionDataset(pairs, world / "images", tokenizer, processor, recipe.model.max_text_length)
+    negatives = WordSwapNegatives(recipe.hard_negative_words, recipe.train.seed) if recipe.hard_negative_words else None
+    dataset = ImageCaptionDataset(pairs, world / "images", tokenizer, processor, recipe.model.max_text_length, negatives)
     collate = ImageCaptionCollator(processor, tokenizer.pad_token_id)
 
     def evaluate(model, step):

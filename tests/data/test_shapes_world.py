@@ -152,15 +152,14 @@ def test_eval_files(world):
         for item in _load(world, "eval", split, "dialogue.json"):
             turn = int(item["id"].rsplit("_", 1)[1])
             assert len(item.get("context", [])) == 2 * turn
-        classify = world / "eval" / split / "classify.json"
-        if classify.exists():
-            by_id = {s["id"]: s for s in _load(world, "scenes", f"{split}.json")}
-            for item in _load(world, "eval", split, "classify.json"):
-                colour, shape = item["label"].split(" ")
-                assert colour in COLOURS and shape in SHAPES
-                scene = by_id[item["id"]]
-                assert len(scene["objects"]) == 1 and scene["text"] is None
-                assert (scene["objects"][0]["colour"], scene["objects"][0]["shape"]) == (colour, shape)
+        by_id = {s["id"]: s for s in _load(world, "scenes", f"{split}.json")}
+        classified = {item["id"] for item in _load(world, "eval", split, "classify.json")}
+        assert classified == {s["id"] for s in by_id.values() if len(s["objects"]) == 1}  # every single-object scene
+        for item in _load(world, "eval", split, "classify.json"):
+            colour, shape = item["label"].split(" ")
+            assert colour in COLOURS and shape in SHAPES
+            scene = by_id[item["id"]]
+            assert (scene["objects"][0]["colour"], scene["objects"][0]["shape"]) == (colour, shape)
     assert not (world / "eval" / "train").exists()
 
 

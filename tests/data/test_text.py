@@ -65,3 +65,17 @@ def test_pretokenized_dataset_equals_lazy_and_names_bad_samples(tokenizer):
     bad = records + [{"id": "c", "conversations": [{"from": "gpt", "value": "hello"}]}]
     with pytest.raises(ConversationError, match=r"data\.json: sample 2 \(id 'c'\)"):
         ConversationDataset(bad, tokenizer, template, 512, source="data.json", pretokenize=True)
+
+
+def test_collator_adds_hard_negatives_and_marks_missing_ones():
+    processor = ImageProcessor(size=4)
+    pixels = torch.zeros(3, 4, 4, dtype=torch.uint8)
+    samples = [{"pixels": pixels, "text_ids": [1, 5, 3], "negative_ids": [1, 6, 3]},
+               {"pixels": pixels, "text_ids": [1, 7, 8, 3], "negative_ids": None}]
+    batch = ImageCaptionCollator(processor, pad_token_id=0)(samples)
+    assert batch["negative_present"].tolist() == [True, False]
+    # the missing negative is a placeholder (its own caption), masked out by negative_present
+    assert batch["negative_input_ids"].tolist() == [[1, 6, 3, 0], [1, 7, 8, 3]]
+    assert batch["negative_attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    plain = ImageCaptionCollator(processor, pad_token_id=0)([{"pixels": pixels, "text_ids": [1, 3]}])
+    assert "negative_input_ids" not in plain

@@ -141,3 +141,29 @@ def test_zero_shot_classifier_rows(clip, tokenizer):
         prompts = [encode_text(tokenizer, t.format("blue square"), 32) for t in templates]
         embeds = torch.cat([clip.encode_texts(*pad_texts([p], tokenizer.pad_token_id)) for p in prompts])
     assert torch.allclose(weights[1], F.normalize(embeds.mean(0), dim=0), atol=1e-5)
+
+
+def test_hard_negatives_join_only_the_image_to_text_direction():
+    import math
+
+    import torch.nn.functional as F
+
+    from bridgevlm.models.contrastive import contrastive_loss
+
+    torch.manual_seed(0)
+    images, texts, hard = (F.normalize(torch.randn(3, 4), dim=-1) for _ in range(3))
+    scale = torch.tensor(math.log(10.0))
+    present = torch.tensor([True, False, True])
+    got = contrastive_loss(images, texts, scale, hard, present)
+    # by hand: image i's candidates are all texts plus the hard negatives that are present
+    total = 0.0
+    for i in range(3):
+        candidates = [10 * float(images[i] @ texts[j]) for j in range(3)]
+        candidates += [10 * float(images[i] @ hard[j]) for j in range(3) if present[j]]
+        total += -candidates[i] + math.log(sum(math.exp(c) for c in candidates))
+        column = [10 * float(images[j] @ texts[i]) for j in range(3)]
+        total += -column[i] + math.log(sum(math.exp(c) for c in column))
+    assert got.item() == pytest.approx(total / 6, rel=1e-5)
+    # more present hard negatives can only raise the loss
+    assert contrastive_loss(images, texts, scale, hard, torch.ones(3, dtype=torch.bool)) > got
+    assert contrastive_loss(images, texts, scale) < got

@@ -10,7 +10,7 @@ read it are the ones that read real LLaVA / COCO-style data):
     captions_short/{split}.json    the same with the short caption
     instruct/{split}.json          LLaVA conversation form, held-in families, several turns per image
     eval/{split}/{family}.json     one question per scene and family: question, answer, candidates
-    eval/{split}/classify.json     single-object scenes labelled with their colour+shape class
+    eval/{split}/classify.json     single-object scenes labelled with their object's colour+shape class
 """
 from __future__ import annotations
 
@@ -197,7 +197,7 @@ def build_world(out: str | Path, cfg: WorldConfig, progress: bool = True, splits
             if split != "train":
                 for family, items in eval_items(scene, rng, image).items():
                     evals.setdefault(family, []).extend(items)
-                if len(scene.objects) == 1 and scene.text is None:
+                if len(scene.objects) == 1:  # a rendered word may stand beside it; the class is the object's
                     obj = scene.objects[0]
                     evals.setdefault("classify", []).append(
                         {"id": scene.id, "image": image, "label": f"{obj.colour} {obj.shape}"})
