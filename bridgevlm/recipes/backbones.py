@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import platform
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from .. import __version__
 from ..config import save_config, to_dict
 from ..data.images import ImageProcessor
 from ..data.templates import get_template
@@ -57,17 +59,18 @@ def make_backbones(recipe: BackboneRecipe, out_dir: str | Path, world_dir: str |
     timings = {}
 
     dist = init_distributed()
+    # Steps already done by an earlier call are reused; only work done here is timed.
     start = time.time()
     world_dir = Path(world_dir) if world_dir else out_dir / "world"
     if not (world_dir / "world.json").is_file() and dist.is_main:
         build_world(world_dir, recipe.world, progress=progress)
-    timings["world"] = time.time() - start
+        timings["world"] = time.time() - start
 
     start = time.time()
     tokenizer_dir = out_dir / "tokenizer"
     if not (tokenizer_dir / "tokenizer.json").is_file() and dist.is_main:
         train_tokenizer(_tokenizer_corpus(recipe, world_dir), recipe.tokenizer_vocab_size, tokenizer_dir)
-    timings["tokenizer"] = time.time() - start
+        timings["tokenizer"] = time.time() - start
     barrier()  # under torchrun, the other ranks use what rank 0 wrote
 
     # Each stage resumes from its run directory's checkpoints, so an interrupted build loses nothing.
@@ -96,6 +99,7 @@ def make_backbones(recipe: BackboneRecipe, out_dir: str | Path, world_dir: str |
         "test_metrics": test_metrics,
         # A quick re-check (first CHECK_LIMIT items per family) that tests compare the shipped files against.
         "check_metrics": check_metrics,
+        "code": {"bridgevlm": __version__, "git_commit": _git_commit()},
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "threads": torch.get_num_threads(), "torch": torch.__version__},
     }
@@ -131,6 +135,16 @@ def _tokenizer_corpus(recipe: BackboneRecipe, world_dir: Path):
         for message in record["conversations"]:
             yield message["value"]
     yield "USER: ASSISTANT: a photo of a picture of an image with a drawing of"
+
+
+def _git_commit() -> str | None:
+    """The checkout's commit, when bridgevlm runs from a git checkout (provenance for the manifest)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def _read_jsonl(path: Path) -> list[dict]:
