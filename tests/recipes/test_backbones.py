@@ -5,9 +5,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPModel
 
-from bridgevlm.config import from_dict, load_config, to_dict
+from bridgevlm.config import from_dict, to_dict
 from bridgevlm.data.shapes.world import WorldConfig
 from bridgevlm.recipes.backbones import CHECK_LIMIT, BackboneRecipe, evaluate_backbones, load_manifest
+from bridgevlm.recipes.registry import load_recipe
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -86,7 +87,9 @@ def test_history_holds_the_training_curves(tiny_backbones):
 
 
 def test_recipe_yaml_reloads(tiny_backbones, tiny):
-    saved = load_config(BackboneRecipe, tiny_backbones / "recipe.yaml")
+    # A runnable recipe file: `bridgevlm train <dir>/recipe.yaml` re-creates the backbones.
+    task, saved = load_recipe(tiny_backbones / "recipe.yaml")
+    assert task == "backbones"
     expected = tiny.backbones()
     assert saved.world == expected.world
     assert (saved.tokenizer_vocab_size, saved.tokenizer_corpus_scenes) == (400, 50)
