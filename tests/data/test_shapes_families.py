@@ -2,7 +2,6 @@
 import re
 
 import numpy as np
-import pytest
 
 from bridgevlm.data.shapes.families import FAMILIES, ask, refer
 from bridgevlm.data.shapes.scene import COLOURS, POSITIONS, SHAPES, Scene, SceneObject, SceneText, sample_scene

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPModel
 
 from bridgevlm.config import from_dict, to_dict
 from bridgevlm.data.shapes.world import WorldConfig
-from bridgevlm.recipes.backbones import CHECK_LIMIT, BackboneRecipe, evaluate_backbones, load_manifest
+from bridgevlm.recipes.backbones import CHECK_LIMIT, evaluate_backbones, load_manifest
 from bridgevlm.recipes.registry import load_recipe
 
 pytestmark = pytest.mark.usefixtures("single_thread")
