@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -28,7 +29,9 @@ class ConversationDataset(Dataset):
             texts = sorted({seg.text for i in range(len(records)) for seg in self._segments(i) if seg.text})
             ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
             table = dict(zip(texts, ids))
-            self.samples = [self._tokenize(i, table.__getitem__) for i in range(len(records))]
+            # int32 arrays, not lists of Python ints: a tenth of the memory for large corpora.
+            self.samples = [{k: np.asarray(v, dtype=np.int32) for k, v in self._tokenize(i, table.__getitem__).items()}
+                            for i in range(len(records))]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -69,7 +72,7 @@ class PadCollator:
         mask = torch.zeros((len(samples), length), dtype=torch.long)
         for row, sample in enumerate(samples):
             n = len(sample["input_ids"])
-            ids[row, :n] = torch.tensor(sample["input_ids"])
-            labels[row, :n] = torch.tensor(sample["labels"])
+            ids[row, :n] = torch.as_tensor(sample["input_ids"])
+            labels[row, :n] = torch.as_tensor(sample["labels"])
             mask[row, :n] = 1
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -61,7 +62,9 @@ def test_pretokenized_dataset_equals_lazy_and_names_bad_samples(tokenizer):
     ]
     lazy = ConversationDataset(records, tokenizer, template, 512)
     eager = ConversationDataset(records, tokenizer, template, 512, pretokenize=True)
-    assert [eager[i] for i in range(2)] == [lazy[i] for i in range(2)]
+    for i in range(2):
+        assert {k: list(v) for k, v in eager[i].items()} == lazy[i]
+        assert eager[i]["input_ids"].dtype == np.int32
     bad = records + [{"id": "c", "conversations": [{"from": "gpt", "value": "hello"}]}]
     with pytest.raises(ConversationError, match=r"data\.json: sample 2 \(id 'c'\)"):
         ConversationDataset(bad, tokenizer, template, 512, source="data.json", pretokenize=True)
