@@ -14,7 +14,7 @@ EXAMPLES = """examples:
   bridgevlm quickstart --out runs/qs --from-scratch   also pretrain the tiny backbones (tens of CPU-minutes)
   bridgevlm world --out runs/world --seed 0 --scenes 2000
   bridgevlm train configs/shapes/clip.yaml --out runs/clip world=runs/world train.max_steps=500
-  bridgevlm eval lm bridgevlm/assets/backbones/lm --world runs/world
+  bridgevlm eval lm bridgevlm/assets/backbones/lm --world runs/quickstart/world
 """
 
 

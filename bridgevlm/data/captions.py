@@ -1,6 +1,7 @@
-"""Image-caption pairs (for contrastive training and retrieval) read from LLaVA-format records."""
+"""Image-caption pairs (for contrastive training and retrieval) from LLaVA-format records or COCO captions."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -13,7 +14,12 @@ from .images import ImageProcessor, load_image
 
 
 def caption_pairs(path: str | Path) -> list[tuple[str, str]]:
-    """(image path, caption) pairs from LLaVA pre-training records: the caption is the reply."""
+    """(image path, caption) pairs from LLaVA pre-training records (the caption is the reply) or
+    from a COCO captions file ({"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]},
+    one pair per annotation)."""
+    data = _read_json_object(path)
+    if data is not None:
+        return _coco_pairs(path, data)
     pairs = []
     for index, record in enumerate(read_conversations(path)):
         if "image" not in record:
@@ -79,3 +85,37 @@ class ImageCaptionCollator:
             batch["negative_input_ids"], batch["negative_attention_mask"] = pad_texts(texts, self.pad_token_id)
             batch["negative_present"] = torch.tensor(present)
         return batch
+
+
+def _read_json_object(path: str | Path) -> dict | None:
+    """The file's JSON if it is a single object (COCO style); None for a list or JSON lines (LLaVA style)."""
+    path = Path(path)
+    if path.suffix == ".jsonl" or not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as f:
+        head = f.read(4096).lstrip()
+    if not head.startswith("{"):
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise DataFormatError(f"{path}:{error.lineno}: malformed JSON: {error.msg} (column {error.colno})") from None
+
+
+def _coco_pairs(path, data: dict) -> list[tuple[str, str]]:
+    if not isinstance(data.get("images"), list) or not isinstance(data.get("annotations"), list):
+        raise DataFormatError(f"{path}: a JSON object must be a COCO captions file with 'images' and 'annotations' lists")
+    files = {}
+    for index, image in enumerate(data["images"]):
+        if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
+            raise DataFormatError(f"{path}: images[{index}] needs 'id' and 'file_name'")
+        files[image["id"]] = image["file_name"]
+    pairs = []
+    for index, note in enumerate(data["annotations"]):
+        if not isinstance(note, dict) or not isinstance(note.get("caption"), str):
+            raise DataFormatError(f"{path}: annotations[{index}] needs a string 'caption'")
+        if note.get("image_id") not in files:
+            raise DataFormatError(f"{path}: annotations[{index}] refers to image_id {note.get('image_id')!r}, "
+                                  "which is not in 'images'")
+        pairs.append((files[note["image_id"]], note["caption"].strip()))
+    return pairs

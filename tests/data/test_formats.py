@@ -93,3 +93,26 @@ def test_caption_pairs_errors(tmp_path):
         [{"id": "r", "image": "x.png", "conversations": [{"from": "human", "value": "<image>"}]}]))
     with pytest.raises(DataFormatError, match="sample 0.*'r'.*no caption"):
         caption_pairs(no_reply)
+
+
+def test_caption_pairs_reads_coco_captions(tmp_path):
+    path = tmp_path / "captions_train2017.json"
+    path.write_text(json.dumps({
+        "images": [{"id": 7, "file_name": "000007.jpg"}, {"id": 9, "file_name": "000009.jpg"}],
+        "annotations": [{"id": 1, "image_id": 9, "caption": "A dog on a sofa. "},
+                        {"id": 2, "image_id": 7, "caption": "Two cats."},
+                        {"id": 3, "image_id": 9, "caption": "A brown dog."}],
+    }))
+    assert caption_pairs(path) == [("000009.jpg", "A dog on a sofa."), ("000007.jpg", "Two cats."),
+                                   ("000009.jpg", "A brown dog.")]
+
+
+def test_coco_captions_errors_name_the_annotation(tmp_path):
+    path = tmp_path / "coco.json"
+    path.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}],
+                                "annotations": [{"image_id": 1, "caption": "ok"}, {"image_id": 5, "caption": "x"}]}))
+    with pytest.raises(DataFormatError, match=r"annotations\[1\] refers to image_id 5"):
+        caption_pairs(path)
+    path.write_text(json.dumps({"info": {}}))
+    with pytest.raises(DataFormatError, match="COCO captions file"):
+        caption_pairs(path)
