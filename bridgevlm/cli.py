@@ -15,6 +15,12 @@ EXAMPLES = """examples:
   bridgevlm world --out runs/world --seed 0 --scenes 2000
   bridgevlm train configs/shapes/clip.yaml --out runs/clip world=runs/world train.max_steps=500
   bridgevlm eval lm bridgevlm/assets/backbones/lm --world runs/quickstart/world
+  bridgevlm train configs/shapes/llava.yaml --out runs/llava world=runs/quickstart/world
+  bridgevlm eval vlm runs/llava --world runs/quickstart/world
+  bridgevlm chat runs/llava --image runs/quickstart/world/images/test/test_000000.png
+  bridgevlm export runs/llava --out exported/llava-shapes            (LoRA merged, standalone)
+  bridgevlm export runs/llava --out exported/llava-hf --format llava (a transformers Llava directory)
+  bridgevlm convert path/to/llava-1.5-7b-hf --out models/llava15     (a transformers Llava into bridgevlm)
 """
 
 
@@ -39,10 +45,13 @@ def _add_train(sub) -> None:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a CLIP or LM backbone on a world's test scenes",
-                       description="Evaluate a model directory on a Shapes world and print metrics as JSON.")
-    p.add_argument("kind", choices=["clip", "lm"], help="clip: zero-shot + retrieval; lm: text QA + perplexity")
-    p.add_argument("model", type=Path, help="model directory (config.json + *.safetensors + tokenizer)")
+    p = sub.add_parser("eval", help="evaluate a CLIP, LM or vision-language model on a world's test scenes",
+                       description="Evaluate a model on a Shapes world and print metrics as JSON.")
+    p.add_argument("kind", choices=["clip", "lm", "vlm"],
+                   help="clip: zero-shot + retrieval; lm: text QA + perplexity; vlm: VQA per family, held-in/out")
+    p.add_argument("model", type=Path, help="model directory (or, for vlm, a run directory)")
+    p.add_argument("--limit", type=int, default=None, help="vlm: at most this many questions per family")
+    p.add_argument("--blind", action="store_true", help="vlm: also ask without the image (blind baseline)")
     p.add_argument("--world", required=True, type=Path)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--template", default="vicuna_v1_nosys", help="conversation template for lm (default vicuna_v1_nosys)")
@@ -60,13 +69,48 @@ def _add_quickstart(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="talk with a vision-language model about an image, in the terminal",
+                       description="Multi-turn chat; the reply streams as it is generated. In the chat: "
+                                   "/image PATH switches the image, /reset starts over, /quit leaves.")
+    p.add_argument("model", type=Path, help="a run directory, a bridgevlm model directory or a HF Llava directory")
+    p.add_argument("--image", type=Path, default=None, help="image to talk about")
+    _add_generation_options(p)
+
+
+def _add_generation_options(p) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a standalone model directory (LoRA merged)",
+                       description="Merge LoRA adapters and write a model that no longer depends on the "
+                                   "pretrained parts' paths: a bridgevlm directory, or a transformers Llava one.")
+    p.add_argument("model", type=Path, help="a run directory or a bridgevlm model directory")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--format", choices=["bridgevlm", "llava"], default="bridgevlm",
+                   help="llava: LlavaForConditionalGeneration (needs a CLIP tower and an mlp2x_gelu connector)")
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="turn a transformers Llava directory into a bridgevlm model directory",
+                       description="Import a LlavaForConditionalGeneration directory (or hub id) with identical outputs.")
+    p.add_argument("source", help="HF Llava directory or hub id")
+    p.add_argument("--out", required=True, type=Path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bridgevlm", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
         description="Build vision-language models: a frozen vision encoder and a frozen LLM joined by a small trained bridge.")
     parser.add_argument("--version", action="version", version=f"bridgevlm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_quickstart, _add_world, _add_train, _add_eval):
+    for add in (_add_quickstart, _add_world, _add_train, _add_eval, _add_chat, _add_export, _add_convert):
         add(sub)
     return parser
 
@@ -87,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DataFormatError, ImageLoadError, ConversationError, FileNotFoundError) as error:
+    except (ConfigError, DataFormatError, ImageLoadError, ConversationError, FileNotFoundError, ValueError) as error:
         print(f"bridgevlm {args.command}: error: {error}", file=sys.stderr)
         return 2
 
@@ -113,6 +157,16 @@ def _train(args) -> int:
 def _eval(args) -> int:
     from transformers import AutoTokenizer
 
+    if args.kind == "vlm":
+        from .eval.vqa import evaluate_vqa_on_world
+        from .loading import load
+
+        loaded = load(args.model)
+        metrics = {"vqa": evaluate_vqa_on_world(loaded, args.world, args.split, args.limit)}
+        if args.blind:
+            metrics["blind"] = evaluate_vqa_on_world(loaded, args.world, args.split, args.limit, blind=True)
+        print(json.dumps(metrics, indent=1))
+        return 0
     if not (args.model / "config.json").is_file():
         raise FileNotFoundError(f"model directory not found (no config.json): {args.model}")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -148,7 +202,51 @@ def _quickstart(args) -> int:
     return 0
 
 
-COMMANDS = {"world": _world, "train": _train, "eval": _eval, "quickstart": _quickstart}
+def _generation(args):
+    from .infer.generate import GenerationConfig
+
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                           temperature=args.temperature if args.temperature > 0 else 1.0, top_p=args.top_p,
+                           top_k=args.top_k, num_beams=args.num_beams, seed=args.seed)
+    cfg.check()
+    return cfg
+
+
+def _chat(args) -> int:
+    from .infer.terminal import run_terminal_chat
+    from .loading import load
+
+    cfg = _generation(args)
+    run_terminal_chat(load(args.model), args.image, cfg)
+    return 0
+
+
+def _export(args) -> int:
+    from .loading import find_model_dir
+    from .models.assemble import export_vlm, load_vlm
+
+    loaded = load_vlm(find_model_dir(args.model))
+    if args.format == "llava":
+        from .convert.llava import export_llava
+
+        export_llava(loaded, args.out)
+    else:
+        export_vlm(loaded, args.out)
+    print(f"wrote {args.format} model to {args.out}")
+    return 0
+
+
+def _convert(args) -> int:
+    from .convert.llava import import_llava
+    from .models.assemble import export_vlm
+
+    export_vlm(import_llava(args.source), args.out)
+    print(f"wrote bridgevlm model to {args.out} (try: bridgevlm chat {args.out} --image PATH)")
+    return 0
+
+
+COMMANDS = {"world": _world, "train": _train, "eval": _eval, "quickstart": _quickstart, "chat": _chat,
+            "export": _export, "convert": _convert}
 
 if __name__ == "__main__":
     sys.exit(main())

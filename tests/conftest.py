@@ -128,3 +128,23 @@ def tiny_backbones(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     return out
+
+
+@pytest.fixture(scope="session")
+def vlm_parts(tokenizer, tmp_path_factory):
+    """Saved pretrained parts of a tiny VLM: `vision/` (a CLIP vision tower, 32 px, 4x4 patches of 8)
+    and `llm/` (a Llama with the session tokenizer). Returns a dict for VlmConfig."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from bridgevlm.models.llm import TinyLlamaConfig, build_tiny_llama
+
+    out = tmp_path_factory.mktemp("vlm_parts")
+    torch.manual_seed(0)
+    vision = CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                              num_hidden_layers=2, num_attention_heads=2))
+    vision.save_pretrained(out / "vision")
+    llm = build_tiny_llama(TinyLlamaConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64), tokenizer)
+    llm.save_pretrained(out / "llm")
+    tokenizer.save_pretrained(out / "llm")
+    return {"vision": {"path": str(out / "vision")}, "llm": str(out / "llm"), "connector": {"kind": "mlp2x_gelu"}}

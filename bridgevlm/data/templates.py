@@ -114,6 +114,16 @@ class TokenizedConversation:
     input_ids: list[int]
     labels: list[int]
     truncated_turns: int = 0
+    num_images: int = 0  # images the placeholders stand for (0 without an ImagePlaceholder)
+
+
+@dataclass(frozen=True)
+class ImagePlaceholder:
+    """How an image appears in the token sequence: `count` copies of `token_id`, one per visual token
+    the model splices in. The id need not be in the vocabulary (the model never embeds it)."""
+
+    token_id: int
+    count: int
 
 
 def tokenize_conversation(
@@ -123,6 +133,7 @@ def tokenize_conversation(
     max_length: int | None = None,
     add_generation_prompt: bool = False,
     encode=None,
+    image_placeholder: ImagePlaceholder | None = None,
 ) -> TokenizedConversation:
     """Token ids and labels (IGNORE_INDEX where unsupervised) from separately tokenised segments.
 
@@ -130,6 +141,8 @@ def tokenize_conversation(
     fits `max_length`; if not even the first exchange fits, ConversationError is raised, so no sample
     is ever silently left without supervised tokens. `encode` (text -> ids) replaces the
     per-segment tokenizer call, e.g. with a lookup into segments tokenised in one batch.
+    With `image_placeholder`, every `<image>` tag becomes that many copies of its token id
+    (unsupervised), wherever the tokenizer would have put it; without, the tag is ordinary text.
     """
     segments = template.segments(messages, add_generation_prompt)
     encode = encode or (lambda text: tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -137,7 +150,7 @@ def tokenize_conversation(
     ids, labels = list(bos), [IGNORE_INDEX] * len(bos)
     exchange_ends = []  # length after each complete (question, answer) exchange
     for segment in segments:
-        piece = list(encode(segment.text)) if segment.text else []
+        piece = _encode_with_images(segment.text, encode, image_placeholder)
         if segment.eos:
             piece = piece + [tokenizer.eos_token_id]
         ids += piece
@@ -156,4 +169,27 @@ def tokenize_conversation(
                 f"first exchange alone has {exchange_ends[0]} tokens, more than max_length {max_length}")
         truncated = len(exchange_ends) - len(fitting)
         ids, labels = ids[: fitting[-1]], labels[: fitting[-1]]
-    return TokenizedConversation(ids, labels, truncated)
+    num_images = ids.count(image_placeholder.token_id) // image_placeholder.count if image_placeholder else 0
+    return TokenizedConversation(ids, labels, truncated, num_images)
+
+
+def split_image_tags(text: str) -> list[str | None]:
+    """'a<image>b' -> ['a', None, 'b']: text pieces, None where an image goes; empty pieces dropped."""
+    pieces: list[str | None] = []
+    for index, part in enumerate(text.split(IMAGE_TAG)):
+        if index:
+            pieces.append(None)
+        if part:
+            pieces.append(part)
+    return pieces
+
+
+def _encode_with_images(text: str, encode, placeholder: ImagePlaceholder | None) -> list[int]:
+    if not text:
+        return []
+    if placeholder is None:
+        return list(encode(text))
+    ids: list[int] = []
+    for piece in split_image_tags(text):
+        ids += [placeholder.token_id] * placeholder.count if piece is None else list(encode(piece))
+    return ids

@@ -18,7 +18,7 @@ from ..config import save_config, to_dict
 from ..data.formats import read_conversations
 from ..data.shapes.world import scene_keys, text_conversations
 from ..data.templates import IGNORE_INDEX, get_template, tokenize_conversation
-from ..data.text import ConversationDataset, PadCollator
+from ..data.conversations import ConversationDataset, PadCollator
 from ..eval.text_qa import evaluate_text_qa, prompt_messages
 from ..io import write_json
 from ..models.llm import LanguageModel, TinyLlamaConfig, build_tiny_llama

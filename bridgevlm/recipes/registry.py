@@ -8,11 +8,13 @@ from ..config import ConfigError, load_config, load_yaml
 from .backbones import BackboneRecipe, make_backbones
 from .clip import ClipRecipe, run_clip
 from .lm import LmRecipe, run_lm
+from .vlm import VlmRecipe, run_vlm
 
 RECIPES: dict[str, tuple[type, Callable]] = {
     "clip": (ClipRecipe, run_clip),
     "lm": (LmRecipe, run_lm),
     "backbones": (BackboneRecipe, lambda recipe, out, progress: make_backbones(recipe, out, progress=progress)),
+    "vlm": (VlmRecipe, run_vlm),
 }
 
 

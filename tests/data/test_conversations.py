@@ -5,7 +5,7 @@ import torch
 from bridgevlm.data.captions import ImageCaptionCollator, encode_text, pad_texts
 from bridgevlm.data.images import ImageProcessor
 from bridgevlm.data.templates import IGNORE_INDEX, ConversationError, get_template
-from bridgevlm.data.text import ConversationDataset, PadCollator
+from bridgevlm.data.conversations import ConversationDataset, PadCollator
 
 
 def test_pad_collator():

@@ -1,0 +1,1 @@
+"""Conversion between bridgevlm and released model families, one file per family."""

@@ -1,0 +1,109 @@
+"""Answering with a loaded vision-language model: prompts with images in, text out, batched."""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from ..data.templates import IMAGE_TAG, ConversationTemplate, get_template, tokenize_conversation
+from ..models.assemble import LoadedVlm
+from .generate import GenerationConfig, generate, stream_tokens
+
+
+def prepare_prompts(loaded: LoadedVlm, template: ConversationTemplate, conversations: Sequence[list[dict]],
+                    images: Sequence[Sequence[Image.Image]]) -> dict:
+    """Left-padded prompt ids, mask and pixel values for conversations that end with a user turn.
+    `images[i]` are conversation i's images, in the order of its `<image>` tags."""
+    rows = [tokenize_conversation(loaded.tokenizer, template, c, add_generation_prompt=True,
+                                  image_placeholder=loaded.placeholder) for c in conversations]
+    for index, (row, imgs) in enumerate(zip(rows, images)):
+        if row.num_images != len(imgs):
+            raise ValueError(f"prompt {index} has {row.num_images} {IMAGE_TAG} tag(s) but {len(imgs)} image(s)")
+    width = max(len(r.input_ids) for r in rows)
+    ids = torch.full((len(rows), width), loaded.tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for index, row in enumerate(rows):
+        ids[index, width - len(row.input_ids):] = torch.tensor(row.input_ids)
+        mask[index, width - len(row.input_ids):] = 1
+    flat = [img for imgs in images for img in imgs]
+    pixels = loaded.processor.normalize(torch.stack([loaded.processor.to_uint8(i) for i in flat])) if flat else None
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
+@torch.no_grad()
+def answer(loaded: LoadedVlm, conversations: Sequence[list[dict]], images: Sequence[Sequence[Image.Image]],
+           cfg: GenerationConfig | None = None, template: ConversationTemplate | None = None,
+           batch_size: int = 32) -> list[str]:
+    """Replies to each conversation (batched with left padding; equal to one-at-a-time replies)."""
+    cfg = cfg or GenerationConfig()
+    template = template or get_template(loaded.config.template)
+    model = loaded.model.eval()
+    device = next(model.parameters()).device
+    replies: list[str] = []
+    for start in range(0, len(conversations), batch_size):
+        batch = prepare_prompts(loaded, template, conversations[start:start + batch_size], images[start:start + batch_size])
+        pixels = batch["pixel_values"].to(device) if batch["pixel_values"] is not None else None
+        embeds = model.embed(batch["input_ids"].to(device), pixels)
+        out = generate(model.llm.model, embeds, batch["attention_mask"].to(device), cfg,
+                       loaded.tokenizer.eos_token_id, loaded.tokenizer)
+        replies += [t.strip() for t in out.texts]
+    return replies
+
+
+@dataclass
+class Chat:
+    """A multi-turn conversation about one image: `chat.ask("...")`, `chat.stream("...")`, `chat.reset()`."""
+
+    loaded: LoadedVlm
+    image: Image.Image | None = None
+    cfg: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=128))
+    template: ConversationTemplate | None = None
+    messages: list[dict] = field(default_factory=list)
+
+    def reset(self, image: Image.Image | None = None) -> None:
+        """Forget the conversation; with an image, the next question is about it."""
+        self.messages = []
+        if image is not None:
+            self.image = image
+
+    def ask(self, text: str) -> str:
+        return "".join(self.stream(text))
+
+    @torch.no_grad()
+    def stream(self, text: str) -> Iterator[str]:
+        """Yield the reply in pieces as tokens are generated, then remember it."""
+        if not self.messages and self.image is not None and IMAGE_TAG not in text:
+            text = f"{IMAGE_TAG}\n{text}"
+        messages = self.messages + [{"from": "human", "value": text}]
+        images = [self.image] if self.image is not None and IMAGE_TAG in messages[0]["value"] else []
+        loaded, template = self.loaded, self.template or get_template(self.loaded.config.template)
+        batch = prepare_prompts(loaded, template, [messages], [images])
+        model = loaded.model.eval()
+        embeds = model.embed(batch["input_ids"], batch["pixel_values"])
+        tokens: list[int] = []
+        shown = ""
+        tokenizer = loaded.tokenizer
+        for ids in stream_tokens(model.llm.model, embeds, batch["attention_mask"], self.cfg, tokenizer.eos_token_id):
+            token = int(ids[0])
+            if token == tokenizer.eos_token_id:
+                break
+            tokens.append(token)
+            text_so_far = tokenizer.decode(tokens, skip_special_tokens=True)
+            cut = min((text_so_far.find(s) for s in self.cfg.stop if s and s in text_so_far), default=-1)
+            if cut >= 0:
+                text_so_far = text_so_far[:cut]
+            if text_so_far.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+                continue
+            if len(text_so_far) > len(shown):
+                yield text_so_far[len(shown):]
+                shown = text_so_far
+            if cut >= 0:
+                break
+        self.messages = messages + [{"from": "gpt", "value": shown.strip()}]
+
+
+def chat(loaded: LoadedVlm, image: Image.Image | None, text: str, **generation) -> str:
+    """One question about one image: `chat(model, Image.open(p), "What is in this picture?")`."""
+    return Chat(loaded, image, GenerationConfig(**generation) if generation else GenerationConfig()).ask(text)

@@ -1,0 +1,176 @@
+"""Build a VisionLanguageModel from its config, save the parts that changed, load it back, export it.
+
+A saved directory holds `vlm.yaml` (the config, the LoRA adapters present, which parts were fully
+trained) and `weights.safetensors` (the connector, the adapters and any fully trained part). The
+pretrained vision tower and LLM are referenced by path, so a stage checkpoint stays small;
+`export_vlm` writes a standalone directory with LoRA merged.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
+
+from ..config import from_dict, to_dict
+from ..data.images import ImageProcessor
+from ..data.templates import IMAGE_TAG, ImagePlaceholder
+from ..io import atomic_write_text
+from .connectors import ConnectorConfig, build_connector
+from .llm import LanguageModel
+from .lora import LoraSettings, inject_lora, merge_lora
+from .vision import VisionTower, VisionTowerConfig
+from .vlm import VisionLanguageModel
+
+CONFIG_FILE = "vlm.yaml"
+WEIGHTS_FILE = "weights.safetensors"
+# LLaVA's IMAGE_TOKEN_INDEX: a placeholder id outside every vocabulary, for tokenizers without an <image> token.
+FALLBACK_IMAGE_TOKEN_ID = -200
+
+
+@dataclass
+class VlmConfig:
+    vision: VisionTowerConfig = field(default_factory=VisionTowerConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    llm: str = ""  # a causal-LM directory or hub id
+    tokenizer: str | None = None  # None: the LLM's own
+    image_aspect: str = "pad"  # crop | pad (to a square with the mean colour, as LLaVA-1.5)
+    template: str = "vicuna_v1"  # the conversation format used for chat and evaluation
+    image_token_id: int | None = None  # None: the tokenizer's <image> token, else an id outside the vocabulary
+
+
+@dataclass
+class LoadedVlm:
+    """A model with everything needed to feed it."""
+
+    model: VisionLanguageModel
+    tokenizer: object
+    processor: ImageProcessor
+    config: VlmConfig
+
+    @property
+    def placeholder(self) -> ImagePlaceholder:
+        return ImagePlaceholder(self.model.image_token_id, self.model.num_image_tokens)
+
+    def chat(self, image, text: str, **generation) -> str:
+        """One question about one image (a PIL image, or None): `model.chat(image, "What is here?")`."""
+        from ..infer.pipeline import chat  # generation code is loaded only when used
+
+        return chat(self, image, text, **generation)
+
+
+class VlmLoadError(ValueError):
+    """A saved model directory that is incomplete or does not match its config."""
+
+
+def image_token_id(tokenizer) -> int:
+    """The tokenizer's `<image>` token if it has one, else a placeholder id outside the vocabulary."""
+    token_id = tokenizer.convert_tokens_to_ids(IMAGE_TAG)
+    if token_id is None or token_id == tokenizer.unk_token_id or IMAGE_TAG not in tokenizer.get_vocab():
+        return FALLBACK_IMAGE_TOKEN_ID
+    return token_id
+
+
+def build_vlm(cfg: VlmConfig, base_dir: str | Path | None = None, trust_remote_code: bool = False) -> LoadedVlm:
+    """Load the pretrained vision tower and LLM `cfg` names and a freshly initialised connector.
+    Relative paths are looked up under `base_dir` first (a saved model's own directory)."""
+    vision_cfg = VisionTowerConfig(_resolve(cfg.vision.path, base_dir), cfg.vision.feature_layer, cfg.vision.select)
+    vision = VisionTower.from_pretrained(vision_cfg, trust_remote_code=trust_remote_code)
+    llm_path = _resolve(cfg.llm, base_dir)
+    if not llm_path:
+        raise ValueError("llm is empty; give a causal-LM directory or hub id")
+    llm = LanguageModel.from_pretrained(llm_path, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(_resolve(cfg.tokenizer, base_dir) or llm_path,
+                                              trust_remote_code=trust_remote_code)
+    connector = build_connector(cfg.connector, vision.hidden_size, llm.config.hidden_size)
+    token_id = cfg.image_token_id if cfg.image_token_id is not None else image_token_id(tokenizer)
+    model = VisionLanguageModel(vision, connector, llm, token_id)
+    processor = ImageProcessor.from_pretrained(vision_cfg.path, image_size=vision.image_size, aspect=cfg.image_aspect) \
+        if os.path.isdir(vision_cfg.path) else ImageProcessor(size=vision.image_size, aspect=cfg.image_aspect)
+    if processor.size != vision.image_size:
+        raise ValueError(f"the image processor crops to {processor.size} px but the vision tower expects "
+                         f"{vision.image_size} px ({vision_cfg.path})")
+    return LoadedVlm(model, tokenizer, processor, cfg)
+
+
+def _resolve(path: str | None, base_dir: str | Path | None) -> str | None:
+    if path and base_dir is not None and not os.path.isabs(path) and (Path(base_dir) / path).exists():
+        return str(Path(base_dir) / path)
+    return path
+
+
+def saved_state(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
+    """The parameters that differ from the pretrained parts: the connector, LoRA adapters, and
+    every parameter of a part that was fully trained."""
+    return {name: param.detach().cpu().contiguous() for name, param in model.named_parameters()
+            if name.startswith("connector.") or "lora_" in name or name.split(".", 1)[0] in model.fully_trained}
+
+
+def save_vlm(loaded: LoadedVlm, directory: str | Path) -> Path:
+    """Write the changed weights and the config (weights first; the config marks a complete save)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model = loaded.model
+    tmp = directory / f".{WEIGHTS_FILE}.tmp-{os.getpid()}"
+    save_file(saved_state(model), tmp)
+    os.replace(tmp, directory / WEIGHTS_FILE)
+    meta = {"vlm": to_dict(loaded.config), "lora": {k: to_dict(v) for k, v in model.lora_parts.items()},
+            "fully_trained": sorted(model.fully_trained)}
+    atomic_write_text(directory / CONFIG_FILE, yaml.safe_dump(meta, sort_keys=False))
+    return directory
+
+
+def load_vlm(directory: str | Path, trust_remote_code: bool = False) -> LoadedVlm:
+    """Rebuild a saved model from its directory alone (plus the pretrained parts it references)."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise VlmLoadError(f"{directory} is not a bridgevlm model directory: {CONFIG_FILE} is missing")
+    meta = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    cfg = from_dict(VlmConfig, meta["vlm"], source=str(config_path))
+    loaded = build_vlm(cfg, base_dir=directory, trust_remote_code=trust_remote_code)
+    model = loaded.model
+    for part, settings in meta.get("lora", {}).items():
+        lora = from_dict(LoraSettings, settings, source=f"{config_path}: lora.{part}")
+        inject_lora(getattr(model, part), lora, part)
+        model.lora_parts[part] = lora
+    model.fully_trained = set(meta.get("fully_trained", []))
+    state = load_file(directory / WEIGHTS_FILE)
+    expected = saved_state(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(dict(model.named_parameters())))
+    if missing or unexpected:
+        raise VlmLoadError(f"{directory / WEIGHTS_FILE} does not match {CONFIG_FILE}: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    for name, tensor in state.items():
+        param = model.get_parameter(name)
+        if param.shape != tensor.shape:
+            raise VlmLoadError(f"{directory / WEIGHTS_FILE}: {name} has shape {tuple(tensor.shape)}, "
+                               f"the model expects {tuple(param.shape)}")
+        with torch.no_grad():
+            param.copy_(tensor)
+    return loaded
+
+
+def export_vlm(loaded: LoadedVlm, directory: str | Path) -> Path:
+    """A standalone copy: LoRA merged, vision tower and LLM (with tokenizer) saved inside, so the
+    directory no longer depends on the pretrained paths."""
+    directory = Path(directory)
+    model = loaded.model
+    for part in list(model.lora_parts):
+        merge_lora(getattr(model, part))
+        model.fully_trained.add(part)
+    model.lora_parts = {}
+    model.vision.save_pretrained(directory / "vision")
+    loaded.processor.save_pretrained(directory / "vision")
+    model.llm.model.save_pretrained(directory / "llm")
+    loaded.tokenizer.save_pretrained(directory / "llm")
+    config = replace(loaded.config, vision=replace(loaded.config.vision, path="vision"), llm="llm", tokenizer=None,
+                     image_token_id=model.image_token_id)
+    model.fully_trained = set()  # the parts now live in vision/ and llm/
+    save_vlm(LoadedVlm(model, loaded.tokenizer, loaded.processor, config), directory)
+    return directory

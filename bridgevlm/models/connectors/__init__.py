@@ -1,0 +1,44 @@
+"""Bridges between a vision tower and an LLM.
+
+Input-level connectors turn vision features [B, N, Dv] into tokens [B, M, D_llm] that are spliced
+into the LLM's input embeddings; each one reports `num_tokens(N) -> M`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .mlp import MlpConnector, mlp_depth
+
+
+@dataclass
+class ConnectorConfig:
+    kind: str = "mlp2x_gelu"  # linear | mlp{N}x_gelu
+
+
+def _build_mlp(cfg: ConnectorConfig, vision_hidden: int, llm_hidden: int) -> nn.Module:
+    return MlpConnector(vision_hidden, llm_hidden, depth=mlp_depth(cfg.kind))
+
+
+# family -> builder(cfg, vision_hidden, llm_hidden). The "mlp" family covers the kinds `linear` and
+# `mlp{N}x_gelu` (any depth N).
+CONNECTORS = {
+    "mlp": _build_mlp,
+}
+KINDS = ("linear", "mlp{N}x_gelu")
+
+
+def _family(kind: str) -> str:
+    return "mlp" if mlp_depth(kind) is not None else kind
+
+
+def build_connector(cfg: ConnectorConfig, vision_hidden: int, llm_hidden: int) -> nn.Module:
+    """The connector `cfg.kind` names, mapping vision features of width `vision_hidden` to `llm_hidden`."""
+    builder = CONNECTORS.get(_family(cfg.kind))
+    if builder is None:
+        raise ValueError(f"unknown connector {cfg.kind!r}; valid: {', '.join(KINDS)} (e.g. mlp2x_gelu)")
+    return builder(cfg, vision_hidden, llm_hidden)
+
+
+__all__ = ["CONNECTORS", "ConnectorConfig", "MlpConnector", "build_connector"]

@@ -1,0 +1,91 @@
+"""VisionTower: any Hugging Face vision encoder, with the feature layer and token selection LLaVA uses."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, CLIPVisionModel, SiglipVisionModel
+
+# Full dual-encoder checkpoints (CLIP, SigLIP) load only their vision half; a bare vision model loads as is.
+_VISION_CLASSES = {
+    "clip": CLIPVisionModel,
+    "clip_vision_model": CLIPVisionModel,
+    "siglip": SiglipVisionModel,
+    "siglip_vision_model": SiglipVisionModel,
+}
+_WITH_CLS_TOKEN = ("clip", "clip_vision_model")
+
+
+@dataclass
+class VisionTowerConfig:
+    path: str = ""  # a local model directory or hub id (CLIP, SigLIP, or any AutoModel vision encoder)
+    feature_layer: int = -2  # index into the hidden states (0 = embeddings); LLaVA uses the penultimate layer
+    select: Literal["patch", "full"] = "patch"  # "patch" drops the CLS token where the encoder has one
+
+
+class VisionTower(nn.Module):
+    """pixel_values [B, 3, H, W] -> features [B, N, Dv] from hidden layer `feature_layer`."""
+
+    def __init__(self, model: nn.Module, feature_layer: int = -2, select: str = "patch"):
+        super().__init__()
+        if select not in ("patch", "full"):
+            raise ValueError(f"unknown vision feature selection {select!r}; valid: patch, full")
+        self.model = model
+        self.feature_layer = feature_layer
+        self.select = select
+        config = self.vision_config
+        layers = config.num_hidden_layers
+        if not -(layers + 1) <= feature_layer <= layers:
+            raise ValueError(f"feature_layer {feature_layer} is out of range for a {layers}-layer vision "
+                             f"encoder (valid: {-(layers + 1)} .. {layers})")
+
+    @classmethod
+    def from_pretrained(cls, cfg: VisionTowerConfig, dtype: torch.dtype | None = None,
+                        trust_remote_code: bool = False) -> VisionTower:
+        path = str(cfg.path)
+        if not path:
+            raise ValueError("vision.path is empty; give a vision model directory or hub id")
+        model_type = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type
+        loader = _VISION_CLASSES.get(model_type, AutoModel)
+        model = loader.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        return cls(model, cfg.feature_layer, cfg.select)
+
+    @property
+    def vision_config(self):
+        return self.model.config
+
+    @property
+    def hidden_size(self) -> int:
+        return self.vision_config.hidden_size
+
+    @property
+    def has_cls_token(self) -> bool:
+        return self.vision_config.model_type in _WITH_CLS_TOKEN
+
+    @property
+    def image_size(self) -> int:
+        return self.vision_config.image_size
+
+    @property
+    def grid_size(self) -> int:
+        return self.vision_config.image_size // self.vision_config.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        """Feature tokens per image after selection."""
+        keep_cls = self.has_cls_token and self.select == "full"
+        return self.grid_size ** 2 + int(keep_cls)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.model.parameters()).dtype
+        out = self.model(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
+        features = out.hidden_states[self.feature_layer]  # [B, N(+1), Dv]
+        if self.select == "patch" and self.has_cls_token:
+            features = features[:, 1:]
+        return features
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        self.model.save_pretrained(directory)

@@ -1,0 +1,85 @@
+"""VisionLanguageModel(vision, connector, llm): visual tokens spliced into the LLM's input embeddings.
+
+Each image stands in the token sequence as `num_image_tokens` copies of the image placeholder id
+(the tokenizer side expands one `<image>` tag into that many), so splicing is a single in-order
+scatter, a text-only sample is just a row without placeholders, and the KV cache sees ordinary
+positions during generation.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .llm import LanguageModel, supervised_lm_loss
+from .output import LossOutput
+from .vision import VisionTower
+
+
+class ImageTokenError(ValueError):
+    """Placeholders and images disagree; the message names the sample."""
+
+
+class VisionLanguageModel(nn.Module):
+    """vision: pixels -> features [I, N, Dv]; connector: features -> tokens [I, M, D]; llm: a causal LM.
+
+    Parameters live under the prefixes `vision.`, `connector.` and `llm.`, which is how stages say
+    what trains.
+    """
+
+    def __init__(self, vision: VisionTower, connector: nn.Module, llm: LanguageModel, image_token_id: int):
+        super().__init__()
+        self.vision = vision
+        self.connector = connector
+        self.llm = llm
+        self.image_token_id = image_token_id
+        self.lora_parts: dict = {}  # part name -> LoraSettings of the adapters it holds
+        self.fully_trained: set[str] = set()  # parts whose every weight may differ from the pretrained one
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Placeholder tokens per image in the input sequence."""
+        return self.connector.num_tokens(self.vision.num_tokens)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[I, 3, H, W] -> visual tokens [I, M, D_llm]."""
+        return self.connector(self.vision(pixel_values))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              sample_ids: list | None = None) -> torch.Tensor:
+        """input_ids [B, T] with M placeholders per image, pixel_values [I, 3, H, W] in reading
+        order -> inputs_embeds [B, T, D]."""
+        is_image = input_ids == self.image_token_id  # [B, T]
+        num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        self._check_placeholders(is_image, num_images, sample_ids)
+        # The placeholder id may lie outside the vocabulary (HF Llava's default): look up a valid id instead.
+        embeds = self.llm.embed(input_ids.masked_fill(is_image, 0))
+        if num_images:
+            visual = self.encode_images(pixel_values).to(embeds.dtype)  # [I, M, D]
+            embeds = embeds.masked_scatter(is_image.unsqueeze(-1), visual.reshape(-1, visual.shape[-1]))
+        return embeds
+
+    def _check_placeholders(self, is_image: torch.Tensor, num_images: int, sample_ids) -> None:
+        per_row = is_image.sum(1).tolist()
+        m = self.num_image_tokens
+        for row, count in enumerate(per_row):
+            if count % m:
+                name = sample_ids[row] if sample_ids else row
+                raise ImageTokenError(
+                    f"sample {name!r} has {count} image placeholder tokens, not a multiple of the "
+                    f"{m} tokens one image takes; was it tokenised for a different vision tower or connector?")
+        if sum(per_row) != num_images * m:
+            counts = ", ".join(f"{sample_ids[r] if sample_ids else r!r}: {c // m}" for r, c in enumerate(per_row))
+            raise ImageTokenError(f"the batch has placeholders for {sum(per_row) // m} image(s) ({counts}) "
+                                  f"but {num_images} image(s) were given")
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits at every position [B, T, V] (for scoring and parity checks)."""
+        embeds = self.embed(input_ids, pixel_values)
+        return self.llm.model(inputs_embeds=embeds, attention_mask=attention_mask).logits
+
+    def forward(self, batch: dict) -> LossOutput:
+        """batch: input_ids, attention_mask, labels [B, T]; pixel_values [I, 3, H, W] (optional)."""
+        embeds = self.embed(batch["input_ids"], batch.get("pixel_values"), batch.get("sample_ids"))
+        hidden = self.llm.hidden_states(attention_mask=batch.get("attention_mask"), inputs_embeds=embeds)
+        return supervised_lm_loss(hidden, batch["labels"], self.llm.model.get_output_embeddings())

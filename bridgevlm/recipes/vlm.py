@@ -1,0 +1,131 @@
+"""Staged vision-language training (LLaVA and every bridge after it): a recipe is a list of stages.
+
+Each stage states what trains (`trainable`), on what data, with which optimiser and schedule, and
+where it starts (`previous`, `base` or a saved model directory). A finished stage leaves
+`<run>/<NN>_<name>/model/`; running the recipe again skips finished stages and resumes an
+interrupted one from its last checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import save_config, to_dict
+from ..data.conversations import ConversationDataset, ImageSource, PadCollator
+from ..data.formats import read_conversations
+from ..data.templates import get_template
+from ..eval.vqa import evaluate_vqa_on_world
+from ..io import write_json
+from ..models.assemble import CONFIG_FILE, LoadedVlm, VlmConfig, build_vlm, load_vlm, save_vlm
+from ..models.lora import LoraSettings
+from ..train.distributed import init_distributed
+from ..train.loop import TrainConfig, seed_everything, train_stage
+from ..train.trainability import Trainability, apply_trainability
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StageData:
+    path: str = ""  # LLaVA-format conversations (JSON list or JSONL)
+    image_folder: str = ""  # `image` paths are relative to it
+    template: str | None = None  # None: the model's template (stage 1 of LLaVA uses `plain`)
+    max_length: int = 2048  # longer samples lose trailing exchanges (a first exchange that does not fit is an error)
+    pretokenize: bool = True
+
+
+@dataclass
+class Stage:
+    name: str = "stage"
+    init: str = "previous"  # previous | base (fresh connector on the pretrained parts) | a saved model directory
+    trainable: Trainability = field(default_factory=Trainability)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: StageData = field(default_factory=StageData)
+    gradient_checkpointing: bool = False
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class WorldEval:
+    world: str = ""  # a Shapes world to evaluate on after the last stage; empty: no evaluation
+    split: str = "test"
+    limit_per_family: int | None = None
+    blind_baseline: bool = True  # also ask without the image
+
+
+@dataclass
+class VlmRecipe:
+    model: VlmConfig = field(default_factory=VlmConfig)
+    stages: list[Stage] = field(default_factory=list)
+    eval: WorldEval = field(default_factory=WorldEval)
+
+
+def stage_dir(run_dir: Path, index: int, stage: Stage) -> Path:
+    return run_dir / f"{index + 1:02d}_{stage.name}"
+
+
+def _start(recipe: VlmRecipe, stage: Stage, previous: LoadedVlm | None) -> LoadedVlm:
+    if stage.init == "base" or (stage.init == "previous" and previous is None):
+        return build_vlm(recipe.model)
+    if stage.init == "previous":
+        return previous
+    return load_vlm(stage.init)
+
+
+def run_stage(loaded: LoadedVlm, stage: Stage, out: Path, progress: bool = True) -> dict:
+    """Train one stage of `loaded` in place and save the result to out/model."""
+    model = loaded.model
+    apply_trainability(model, stage.trainable, stage.lora)
+    if stage.gradient_checkpointing:
+        model.llm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.llm.model.config.use_cache = False
+    template = get_template(stage.data.template or loaded.config.template)
+    records = read_conversations(stage.data.path)
+    images = ImageSource(Path(stage.data.image_folder), loaded.processor, loaded.placeholder)
+    dataset = ConversationDataset(records, loaded.tokenizer, template, stage.data.max_length, source=stage.data.path,
+                                  pretokenize=stage.data.pretokenize, images=images)
+    data_report = dataset.supervision_report()
+    logger.info("stage %s data: %d samples, %.1f%% of %d tokens supervised", stage.name, data_report["samples"],
+                100 * data_report["supervised_share"], data_report["tokens"])
+    result = train_stage(model, dataset, PadCollator(loaded.tokenizer.pad_token_id, loaded.processor), stage.train,
+                         out, config_to_save=to_dict(stage), progress=progress)
+    if stage.gradient_checkpointing:
+        model.llm.model.gradient_checkpointing_disable()
+        model.llm.model.config.use_cache = True
+    save_vlm(loaded, out / "model")
+    summary = {"steps": result.steps, "final_loss": result.final_loss, "data": data_report,
+               "seconds": sum(r.get("seconds", 0.0) for r in result.history if "loss" in r)}
+    write_json(out / "summary.json", summary)
+    return {**summary, "history": result.history}
+
+
+def run_vlm(recipe: VlmRecipe, run_dir: str | Path, progress: bool = True) -> dict:
+    """Run every stage in order (skipping finished ones), then evaluate on the world if one is set."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(to_dict(recipe), run_dir / "config.yaml")
+    if not recipe.stages:
+        raise ValueError("the recipe has no stages")
+    dist = init_distributed()
+    loaded: LoadedVlm | None = None
+    stages: dict[str, dict] = {}
+    for index, stage in enumerate(recipe.stages):
+        out = stage_dir(run_dir, index, stage)
+        if (out / "model" / CONFIG_FILE).is_file():
+            logger.info("stage %s is already done (%s)", stage.name, out / "model")
+            loaded = load_vlm(out / "model")
+            continue
+        seed_everything(stage.train.seed)  # the fresh connector's initial weights depend on it
+        loaded = _start(recipe, stage, loaded)
+        stages[stage.name] = run_stage(loaded, stage, out, progress)
+    metrics: dict = {}
+    if recipe.eval.world and dist.is_main:
+        metrics["vqa"] = evaluate_vqa_on_world(loaded, recipe.eval.world, recipe.eval.split,
+                                               recipe.eval.limit_per_family)
+        if recipe.eval.blind_baseline:
+            metrics["blind"] = evaluate_vqa_on_world(loaded, recipe.eval.world, recipe.eval.split,
+                                                     recipe.eval.limit_per_family, blind=True)
+        write_json(run_dir / "metrics.json", metrics)
+    return {"metrics": metrics, "stages": stages, "model": str(stage_dir(run_dir, len(recipe.stages) - 1,
+                                                                         recipe.stages[-1]) / "model")}

@@ -1,0 +1,108 @@
+"""Generation: agrees with transformers' generate, batched == one at a time, beams, sampling, stops."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from bridgevlm.data.templates import get_template, tokenize_conversation
+from bridgevlm.infer.generate import GenerationConfig, generate
+from bridgevlm.models.llm import LanguageModel
+from bridgevlm.recipes.backbones import SHIPPED
+
+SCENE = "There are 2 objects. At the top left, a small red square. At the bottom right, a large blue circle."
+QUESTIONS = ["What colour is the circle?", "How many objects are there?",
+             "Describe what you see.", "Is there a square?"]
+
+
+@pytest.fixture(scope="module")
+def shipped(single_thread):
+    """The shipped LM: trained weights give decisive logits, so token equality is a fair test."""
+    tokenizer = AutoTokenizer.from_pretrained(SHIPPED / "tokenizer")
+    return LanguageModel.from_pretrained(SHIPPED / "lm").eval(), tokenizer
+
+
+def _prompt_ids(tokenizer, question):
+    messages = [{"from": "human", "value": f"{SCENE}\n{question}"}]
+    return tokenize_conversation(tokenizer, get_template("vicuna_v1_nosys"), messages, add_generation_prompt=True).input_ids
+
+
+def _left_padded(lm, ids_list, pad_id):
+    width = max(map(len, ids_list))
+    ids = torch.full((len(ids_list), width), pad_id)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(ids_list):
+        ids[row, width - len(seq):] = torch.tensor(seq)
+        mask[row, width - len(seq):] = 1
+    return lm.embed(ids), mask, ids
+
+
+def _run(lm, tokenizer, ids_list, cfg):
+    embeds, mask, _ = _left_padded(lm, ids_list, tokenizer.pad_token_id)
+    with torch.no_grad():
+        return generate(lm.model, embeds, mask, cfg, tokenizer.eos_token_id, tokenizer)
+
+
+def test_greedy_matches_transformers_generate(shipped):
+    lm, tokenizer = shipped
+    ids = _prompt_ids(tokenizer, QUESTIONS[2])
+    ours = _run(lm, tokenizer, [ids], GenerationConfig(max_new_tokens=40)).tokens[0]
+    ref = lm.model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
+    ref = ref[:ref.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in ref else ref
+    assert len(ours) > 5 and ours == ref
+
+
+@pytest.mark.parametrize("cfg", [GenerationConfig(max_new_tokens=40),
+                                 GenerationConfig(max_new_tokens=30, num_beams=3, length_penalty=0.8)],
+                         ids=["greedy", "beam"])
+def test_batched_left_padded_equals_one_at_a_time(shipped, cfg):
+    lm, tokenizer = shipped
+    prompts = [_prompt_ids(tokenizer, q) for q in QUESTIONS]
+    assert len({len(p) for p in prompts}) > 1  # the batch really is padded
+    batched = _run(lm, tokenizer, prompts, cfg)
+    alone = [_run(lm, tokenizer, [p], cfg) for p in prompts]
+    assert batched.tokens == [a.tokens[0] for a in alone]
+    assert batched.texts == [a.texts[0] for a in alone]
+    assert any(len(t) > 10 for t in batched.tokens)  # the description question gives a long reply
+
+
+def test_beam_search_matches_transformers(shipped):
+    lm, tokenizer = shipped
+    ids = _prompt_ids(tokenizer, QUESTIONS[2])
+    ours = _run(lm, tokenizer, [ids], GenerationConfig(max_new_tokens=30, num_beams=4)).tokens[0]
+    ref = lm.model.generate(torch.tensor([ids]), max_new_tokens=30, num_beams=4, do_sample=False, length_penalty=1.0,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
+    ref = ref[:ref.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in ref else ref
+    assert ours == ref
+
+
+def test_sampling_is_seeded_and_top_k_one_is_greedy(shipped):
+    lm, tokenizer = shipped
+    prompts = [_prompt_ids(tokenizer, q) for q in QUESTIONS]
+    hot = GenerationConfig(max_new_tokens=20, do_sample=True, temperature=1.5, top_p=0.95, seed=7)
+    first, again = _run(lm, tokenizer, prompts, hot), _run(lm, tokenizer, prompts, hot)
+    assert first.tokens == again.tokens
+    other = _run(lm, tokenizer, prompts, GenerationConfig(max_new_tokens=20, do_sample=True, temperature=1.5, seed=8))
+    assert other.tokens != first.tokens
+    greedy = _run(lm, tokenizer, prompts, GenerationConfig(max_new_tokens=20))
+    top1 = _run(lm, tokenizer, prompts, GenerationConfig(max_new_tokens=20, do_sample=True, top_k=1, seed=3))
+    assert top1.tokens == greedy.tokens
+
+
+def test_stop_strings_cut_the_text(shipped):
+    lm, tokenizer = shipped
+    prompts = [_prompt_ids(tokenizer, QUESTIONS[2])]
+    full = _run(lm, tokenizer, prompts, GenerationConfig(max_new_tokens=40)).texts[0]
+    assert ". " in full
+    stopped = _run(lm, tokenizer, prompts, GenerationConfig(max_new_tokens=40, stop=[". "]))
+    assert stopped.texts[0] == full[:full.index(". ")]
+    assert len(stopped.tokens[0]) < len(tokenizer(full, add_special_tokens=False)["input_ids"])
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"max_new_tokens": 0}, "max_new_tokens"), ({"num_beams": 2, "do_sample": True}, "beam search"),
+    ({"do_sample": True, "temperature": 0.0}, "temperature"), ({"top_p": 0.0}, "top_p")])
+def test_bad_settings_are_named(bad, message):
+    with pytest.raises(ValueError, match=message):
+        GenerationConfig(**bad).check()

@@ -1,0 +1,101 @@
+"""Answering with a VLM: batched == alone, streamed chat == generate, the terminal chat, the CLI round trip."""
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import bridgevlm
+from bridgevlm.cli import main
+from bridgevlm.config import from_dict
+from bridgevlm.infer.generate import GenerationConfig
+from bridgevlm.infer.pipeline import Chat, answer
+from bridgevlm.infer.terminal import run_terminal_chat
+from bridgevlm.models.assemble import VlmConfig, build_vlm, save_vlm
+
+
+@pytest.fixture(scope="module")
+def saved_vlm(vlm_parts, tmp_path_factory, single_thread):
+    torch.manual_seed(0)
+    loaded = build_vlm(from_dict(VlmConfig, vlm_parts))
+    with torch.no_grad():  # decisive logits: a random tiny LM is otherwise nearly uniform
+        loaded.model.llm.model.lm_head.weight.mul_(30)
+        loaded.model.connector.layers[2].weight.mul_(30)
+    out = tmp_path_factory.mktemp("vlm") / "model"
+    save_vlm(loaded, out)
+    images = []
+    for colour in ("red", "blue", "green"):
+        images.append(out.parent / f"{colour}.png")
+        Image.new("RGB", (50, 40), colour).save(images[-1])
+    return out, images
+
+
+def _questions(images):
+    return ([[{"from": "human", "value": "<image>\nWhat colour is it?"}],
+             [{"from": "human", "value": "Say something."}],
+             [{"from": "human", "value": "<image>\nAnd the shape?"}, {"from": "gpt", "value": "a circle"},
+              {"from": "human", "value": "Sure?"}]],
+            [[Image.open(images[0])], [], [Image.open(images[1])]])
+
+
+def test_batched_answers_equal_one_at_a_time_and_images_matter(saved_vlm):
+    path, images = saved_vlm
+    loaded = bridgevlm.load(path)
+    conversations, pictures = _questions(images)
+    cfg = GenerationConfig(max_new_tokens=8)
+    batched = answer(loaded, conversations, pictures, cfg)
+    alone = [answer(loaded, [c], [p], cfg)[0] for c, p in zip(conversations, pictures)]
+    assert batched == alone and all(batched)
+    red, green = (loaded.processor(Image.open(images[i]))[None] for i in (0, 2))
+    ids = torch.tensor([[loaded.tokenizer.bos_token_id] + [loaded.model.image_token_id] * 16 + [5, 6]])
+    with torch.no_grad():  # the prediction depends on the picture
+        assert not torch.allclose(loaded.model.logits(ids, None, red)[0, -1], loaded.model.logits(ids, None, green)[0, -1])
+    with pytest.raises(ValueError, match="1 <image> tag"):
+        answer(loaded, conversations[:1], [[]], cfg)
+
+
+def test_streamed_chat_equals_generation_and_keeps_history(saved_vlm):
+    path, images = saved_vlm
+    loaded = bridgevlm.load(path)
+    cfg = GenerationConfig(max_new_tokens=8)
+    chat = Chat(loaded, Image.open(images[0]), cfg)
+    pieces = list(chat.stream("What colour is it?"))
+    assert "".join(pieces).strip() == answer(loaded, *[[c] for c in _first(images)], cfg)[0]
+    second = chat.ask("Sure?")
+    assert len(chat.messages) == 4 and chat.messages[3]["value"] == second.strip()
+    assert loaded.chat(Image.open(images[0]), "What colour is it?", max_new_tokens=8) == "".join(pieces).strip()
+
+
+def _first(images):
+    conversations, pictures = _questions(images)
+    return conversations[0], pictures[0]
+
+
+def test_terminal_chat_commands(saved_vlm):
+    path, images = saved_vlm
+    stdin = io.StringIO(f"What colour?\n/image {images[1]}\n/image nowhere.png\n/reset\n/bogus\nHi\n/quit\nnever read\n")
+    stdout = io.StringIO()
+    run_terminal_chat(bridgevlm.load(path), images[0], GenerationConfig(max_new_tokens=4), stdin, stdout)
+    text = stdout.getvalue()
+    assert text.count("model> ") == 2
+    assert "new conversation" in text and "image not found: nowhere.png" in text and "unknown command '/bogus'" in text
+
+
+def test_cli_export_convert_eval(saved_vlm, shapes_world, tmp_path, capsys):
+    path, images = saved_vlm
+    assert main(["export", str(path), "--out", str(tmp_path / "hf"), "--format", "llava"]) == 0
+    assert json.loads((tmp_path / "hf/config.json").read_text())["model_type"] == "llava"
+    assert main(["convert", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    cfg = GenerationConfig(max_new_tokens=6)
+    conversations, pictures = _questions(images)
+    reference = answer(bridgevlm.load(path), conversations, pictures, cfg)
+    assert answer(bridgevlm.load(tmp_path / "hf"), conversations, pictures, cfg) == reference
+    assert answer(bridgevlm.load(tmp_path / "back"), conversations, pictures, cfg) == reference
+    capsys.readouterr()
+    assert main(["eval", "vlm", str(path), "--world", str(shapes_world), "--limit", "1", "--blind"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert {"held_in_mean", "held_out_mean"} <= set(metrics["vqa"]) and "blind" in metrics
+    assert main(["chat", str(tmp_path / "missing")]) == 2

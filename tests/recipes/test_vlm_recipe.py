@@ -1,0 +1,75 @@
+"""The staged VLM recipe on a tiny world: stage 1 (captions, connector) then stage 2 (instructions, LoRA)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from bridgevlm.config import from_dict
+from bridgevlm.models.assemble import load_vlm
+from bridgevlm.recipes.vlm import VlmRecipe, run_vlm
+
+
+def _recipe(vlm_parts, world, steps=3):
+    train = {"batch_size": 4, "max_steps": steps, "log_every": 1, "optim": {"lr": 1e-3}}
+    data = {"image_folder": str(world / "images"), "max_length": 256}
+    return from_dict(VlmRecipe, {
+        "model": vlm_parts,
+        "stages": [
+            {"name": "align", "trainable": {"connector": "full"},
+             "data": {**data, "path": str(world / "captions/train.json"), "template": "plain"}, "train": train},
+            {"name": "instruct", "trainable": {"connector": "full", "llm": "lora"}, "lora": {"rank": 4},
+             "data": {**data, "path": str(world / "instruct/train.json")},
+             "train": {**train, "optim": {"lr": 1e-3, "part_lrs": {"connector.": 2e-4}}}},
+        ],
+        "eval": {"world": str(world), "limit_per_family": 2},
+    })
+
+
+def test_two_stages_train_save_evaluate_and_skip_when_done(vlm_parts, shapes_world, tmp_path, single_thread):
+    recipe = _recipe(vlm_parts, shapes_world)
+    result = run_vlm(recipe, tmp_path, progress=False)
+    assert set(result["stages"]) == {"align", "instruct"}
+    for name in ("01_align", "02_instruct"):
+        assert (tmp_path / name / "model" / "vlm.yaml").is_file()
+    align = load_file(tmp_path / "01_align/model/weights.safetensors")
+    assert align and all(k.startswith("connector.") for k in align)
+    instruct = load_file(tmp_path / "02_instruct/model/weights.safetensors")
+    assert any("lora_" in k for k in instruct) and all(k.startswith("connector.") or "lora_" in k for k in instruct)
+    assert 0 < result["stages"]["align"]["data"]["supervised_share"] < 1
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    world = json.loads((shapes_world / "world.json").read_text())
+    assert set(metrics["vqa"]["held_in"]) == set(world["held_in"]) and set(metrics["vqa"]["held_out"]) == set(world["held_out"])
+    for key in ("held_in_mean", "held_out_mean"):
+        assert 0.0 <= metrics["vqa"][key] <= 1.0 and 0.0 <= metrics["blind"][key] <= 1.0
+    again = run_vlm(recipe, tmp_path, progress=False)  # finished stages are not trained again
+    assert again["stages"] == {} and again["metrics"] == metrics
+    assert load_vlm(result["model"]).model.lora_parts
+
+
+def test_a_stage_can_start_from_a_saved_model(vlm_parts, shapes_world, tmp_path, single_thread):
+    first = run_vlm(_only_first(vlm_parts, shapes_world), tmp_path / "a", progress=False)
+    recipe = _recipe(vlm_parts, shapes_world)
+    recipe.stages = recipe.stages[1:]
+    recipe.stages[0].init = first["model"]
+    recipe.eval.world = ""
+    result = run_vlm(recipe, tmp_path / "b", progress=False)
+    assert (tmp_path / "b/01_instruct/model/vlm.yaml").is_file() and result["metrics"] == {}
+
+
+def _only_first(vlm_parts, world):
+    recipe = _recipe(vlm_parts, world)
+    recipe.stages = recipe.stages[:1]
+    recipe.eval.world = ""
+    return recipe
+
+
+def test_bad_stage_data_is_named(vlm_parts, shapes_world, tmp_path, single_thread):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"id": "x1", "image": "train/train_000000.png",
+                                "conversations": [{"from": "human", "value": "no tag"}, {"from": "gpt", "value": "a"}]}]))
+    recipe = _recipe(vlm_parts, shapes_world)
+    recipe.stages[0].data.path = str(bad)
+    with pytest.raises(ValueError, match=r"bad\.json: sample 0 \(id 'x1'\): has 0 <image> tag"):
+        run_vlm(recipe, tmp_path / "run", progress=False)
