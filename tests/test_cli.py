@@ -18,7 +18,7 @@ def _help(capsys, argv):
 
 def test_top_level_help_lists_the_commands_and_examples(capsys):
     text = _help(capsys, [])
-    for command in ("quickstart", "world", "train", "eval"):
+    for command in ("quickstart", "world", "train", "eval", "chat", "export", "convert"):
         assert command in text
     assert "examples:" in text and "bridgevlm train configs/shapes/clip.yaml" in text
 
@@ -26,7 +26,10 @@ def test_top_level_help_lists_the_commands_and_examples(capsys):
 @pytest.mark.parametrize("command,options", [
     ("world", ["--out", "--seed", "--scenes", "--image-size", "--text-probability"]),
     ("train", ["recipe", "overrides", "--out", "--no-progress"]),
-    ("eval", ["{clip,lm}", "model", "--world", "--split", "--template"]),
+    ("eval", ["{clip,lm,vlm}", "model", "--world", "--split", "--template", "--limit", "--blind"]),
+    ("chat", ["model", "--image", "--max-new-tokens", "--temperature", "--top-p", "--num-beams", "/reset"]),
+    ("export", ["model", "--out", "--format", "LoRA"]),
+    ("convert", ["source", "--out", "Llava"]),
     ("quickstart", ["--out", "--from-scratch", "--budget", "--backbones", "--recipe", "--no-progress"]),
 ])
 def test_subcommand_help_mentions_its_options(capsys, command, options):

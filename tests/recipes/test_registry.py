@@ -84,8 +84,8 @@ def test_missing_or_invalid_task_lists_the_valid_tasks(tmp_path, task_line):
         load_recipe(path)
     message = str(error.value)
     assert str(path) in message and "task" in message
-    assert "clip, lm, backbones" in message
-    assert set(RECIPES) == {"clip", "lm", "backbones"}
+    assert "clip, lm, backbones, vlm" in message
+    assert set(RECIPES) == {"clip", "lm", "backbones", "vlm"}
 
 
 def test_missing_file_is_a_config_error(tmp_path):
