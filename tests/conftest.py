@@ -79,6 +79,20 @@ class _Tiny:
                                     **TINY_LM_DATA, "train": {**TINY_TRAIN, **train}})
 
     @staticmethod
+    def llava_recipe(path, steps: int = 3):
+        """configs/shapes/llava.yaml with seconds-long stages (a progress evaluation every 2 steps)."""
+        import yaml
+
+        from bridgevlm.quickstart import LLAVA_RECIPE
+
+        recipe = yaml.safe_load(LLAVA_RECIPE.read_text())
+        for stage in recipe["stages"]:
+            stage["train"].update(batch_size=4, max_steps=steps, eval_every=2, log_every=1)
+        recipe["eval"].update(limit_per_family=2, progress_limit_per_family=1)
+        path.write_text(yaml.safe_dump(recipe))
+        return path
+
+    @staticmethod
     def backbones(steps: int = 3):
         from bridgevlm.config import from_dict
         from bridgevlm.recipes.backbones import BackboneRecipe

@@ -13,14 +13,15 @@ LM_KEYS = ("perplexity", "text_qa_accuracy")
 
 
 @pytest.fixture(scope="module")
-def quickstart(tiny_backbones, tmp_path_factory):
+def quickstart(tiny_backbones, tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("quickstart")
-    data = run_quickstart(QuickstartOptions(out=out, backbones=tiny_backbones, progress=False))
-    return out, data
+    llava = tiny.llava_recipe(tmp_path_factory.mktemp("recipes") / "llava.yaml")
+    data = run_quickstart(QuickstartOptions(out=out, backbones=tiny_backbones, llava_recipe=llava, progress=False))
+    return out, data, llava
 
 
 def test_report_json(quickstart, tiny_backbones, tiny):
-    out, data = quickstart
+    out, data, llava = quickstart
     report = json.loads((out / "report.json").read_text())
     assert report == data
     for key in CLIP_KEYS:
@@ -36,7 +37,7 @@ def test_report_json(quickstart, tiny_backbones, tiny):
 
 
 def test_report_md_mentions_the_metrics_and_figures(quickstart):
-    out, data = quickstart
+    out, data, llava = quickstart
     markdown = (out / "report.md").read_text()
     assert markdown.startswith("# bridgevlm quickstart")
     clip, lm = data["metrics"]["clip"], data["metrics"]["lm"]
@@ -51,7 +52,7 @@ def test_report_md_mentions_the_metrics_and_figures(quickstart):
 
 
 def test_loss_figures_are_pngs(quickstart):
-    out, _ = quickstart
+    out, _, _ = quickstart
     for name in ("clip", "lm"):
         path = out / "figures" / f"{name}_loss.png"
         with Image.open(path) as image:
@@ -62,11 +63,31 @@ def test_loss_figures_are_pngs(quickstart):
 
 
 def test_rerun_reuses_the_world(quickstart, tiny_backbones):
-    out, data = quickstart
+    out, data, llava = quickstart
     world = (out / "world" / "world.json").stat().st_mtime_ns
-    again = run_quickstart(QuickstartOptions(out=out, backbones=tiny_backbones, progress=False))
+    again = run_quickstart(QuickstartOptions(out=out, backbones=tiny_backbones, llava_recipe=llava, progress=False))
     assert (out / "world" / "world.json").stat().st_mtime_ns == world
     assert again["metrics"] == data["metrics"]
+
+
+def test_llava_half(quickstart, tiny_backbones):
+    out, data, _ = quickstart
+    llava = data["metrics"]["llava"]
+    world = json.loads((out / "world" / "world.json").read_text())
+    for group in ("held_in", "held_out"):
+        assert {f"{group}.{f}" for f in world[group]} <= set(llava)
+        for prefix in ("", "blind."):
+            assert 0.0 <= llava[f"{prefix}{group}_mean"] <= 1.0
+    assert (out / "llava/02_instruct/model/vlm.yaml").is_file()
+    config = yaml.safe_load((out / "llava/config.yaml").read_text())
+    assert config["model"]["llm"] == str(tiny_backbones / "lm") and config["world"] == str(out / "world")
+    assert "llava (train + evaluate)" in data["timings_s"]
+    markdown = (out / "report.md").read_text()
+    assert "## LLaVA" in markdown and f"| **held-in mean** |  | {llava['held_in_mean']:.3f} |" in markdown
+    assert "(figures/llava_accuracy.png)" in markdown
+    curve = data["llava_curve"]["held-in"]
+    # each stage evaluates at step 2 and at its last step (3)
+    assert len(curve["minutes"]) == 4 and curve["minutes"] == sorted(curve["minutes"])
 
 
 def test_missing_backbones_is_a_clear_error(tmp_path):
@@ -91,7 +112,8 @@ def test_budget_scales_every_stage(tmp_path, tiny, budget, steps):
 def test_from_scratch(tmp_path, tiny):
     recipe = _recipe_file(tmp_path, tiny, steps=2)
     out = tmp_path / "qs"
-    data = run_quickstart(QuickstartOptions(out=out, from_scratch=True, recipe=recipe, budget=1.5, progress=False))
+    data = run_quickstart(QuickstartOptions(out=out, from_scratch=True, recipe=recipe, budget=1.5, llava=False,
+                                            progress=False))
     manifest = json.loads((out / "backbones" / "manifest.json").read_text())
     assert manifest["steps"] == {"clip": 3, "lm": 3}  # 2 steps x budget 1.5
     assert "--from-scratch" in manifest["command"] and "--budget 1.5" in manifest["command"]

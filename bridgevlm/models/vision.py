@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, CLIPVisionModel, SiglipVisionModel
+from transformers.utils import logging as hf_logging
 
 # Full dual-encoder checkpoints (CLIP, SigLIP) load only their vision half; a bare vision model loads as is.
 _VISION_CLASSES = {
@@ -50,7 +51,15 @@ class VisionTower(nn.Module):
             raise ValueError("vision.path is empty; give a vision model directory or hub id")
         model_type = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type
         loader = _VISION_CLASSES.get(model_type, AutoModel)
-        model = loader.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        # A dual encoder's text half is expected to go unused: keep its weights out of the load report.
+        quiet = model_type in ("clip", "siglip")
+        verbosity = hf_logging.get_verbosity()
+        if quiet:
+            hf_logging.set_verbosity_error()
+        try:
+            model = loader.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        finally:
+            hf_logging.set_verbosity(verbosity)
         return cls(model, cfg.feature_layer, cfg.select)
 
     @property

@@ -7,6 +7,8 @@ interrupted one from its last checkpoint.
 """
 from __future__ import annotations
 
+import copy
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,13 +54,31 @@ class WorldEval:
     split: str = "test"
     limit_per_family: int | None = None
     blind_baseline: bool = True  # also ask without the image
+    # Stages with train.eval_every > 0 evaluate on this many val questions per family as they train
+    # (the accuracy-vs-time curve).
+    progress_limit_per_family: int = 20
 
 
 @dataclass
 class VlmRecipe:
+    world: str = ""  # replaces "{world}" in data and eval paths, so one recipe serves any world directory
     model: VlmConfig = field(default_factory=VlmConfig)
     stages: list[Stage] = field(default_factory=list)
     eval: WorldEval = field(default_factory=WorldEval)
+
+
+def fill_world(recipe: VlmRecipe) -> VlmRecipe:
+    """A copy with "{world}" in data and eval paths replaced by `recipe.world`."""
+    recipe = copy.deepcopy(recipe)
+    paths = [(stage.data, "path") for stage in recipe.stages] + [(stage.data, "image_folder") for stage in recipe.stages]
+    paths.append((recipe.eval, "world"))
+    for owner, name in paths:
+        value = getattr(owner, name)
+        if "{world}" in value:
+            if not recipe.world:
+                raise ValueError(f"{value!r} uses {{world}} but the recipe's world is empty; set world=DIR")
+            setattr(owner, name, value.replace("{world}", recipe.world))
+    return recipe
 
 
 def stage_dir(run_dir: Path, index: int, stage: Stage) -> Path:
@@ -73,8 +93,9 @@ def _start(recipe: VlmRecipe, stage: Stage, previous: LoadedVlm | None) -> Loade
     return load_vlm(stage.init)
 
 
-def run_stage(loaded: LoadedVlm, stage: Stage, out: Path, progress: bool = True) -> dict:
-    """Train one stage of `loaded` in place and save the result to out/model."""
+def run_stage(loaded: LoadedVlm, stage: Stage, out: Path, progress: bool = True, eval_fn=None) -> dict:
+    """Train one stage of `loaded` in place and save the result to out/model. `eval_fn(model, step)`
+    runs every `stage.train.eval_every` steps."""
     model = loaded.model
     apply_trainability(model, stage.trainable, stage.lora)
     if stage.gradient_checkpointing:
@@ -89,7 +110,8 @@ def run_stage(loaded: LoadedVlm, stage: Stage, out: Path, progress: bool = True)
     logger.info("stage %s data: %d samples, %.1f%% of %d tokens supervised", stage.name, data_report["samples"],
                 100 * data_report["supervised_share"], data_report["tokens"])
     result = train_stage(model, dataset, PadCollator(loaded.tokenizer.pad_token_id, loaded.processor), stage.train,
-                         out, config_to_save=to_dict(stage), progress=progress)
+                         out, eval_fn=eval_fn if stage.train.eval_every else None, config_to_save=to_dict(stage),
+                         progress=progress)
     if stage.gradient_checkpointing:
         model.llm.model.gradient_checkpointing_disable()
         model.llm.model.config.use_cache = True
@@ -100,13 +122,32 @@ def run_stage(loaded: LoadedVlm, stage: Stage, out: Path, progress: bool = True)
     return {**summary, "history": result.history}
 
 
+def _finished_stage(out: Path) -> dict:
+    """The summary and history a stage left on disk."""
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return {**summary, "history": [json.loads(line) for line in lines if line.strip()], "skipped": True}
+
+
+def _progress_eval(cfg: WorldEval, loaded: LoadedVlm):
+    if not cfg.world:
+        return None
+
+    def evaluate(model, step):
+        result = evaluate_vqa_on_world(loaded, cfg.world, "val", cfg.progress_limit_per_family)
+        return {"held_in_mean": result["held_in_mean"], "held_out_mean": result["held_out_mean"]}
+
+    return evaluate
+
+
 def run_vlm(recipe: VlmRecipe, run_dir: str | Path, progress: bool = True) -> dict:
     """Run every stage in order (skipping finished ones), then evaluate on the world if one is set."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(to_dict(recipe), run_dir / "config.yaml")
     if not recipe.stages:
         raise ValueError("the recipe has no stages")
+    recipe = fill_world(recipe)
+    save_config(to_dict(recipe), run_dir / "config.yaml")
     dist = init_distributed()
     loaded: LoadedVlm | None = None
     stages: dict[str, dict] = {}
@@ -115,10 +156,11 @@ def run_vlm(recipe: VlmRecipe, run_dir: str | Path, progress: bool = True) -> di
         if (out / "model" / CONFIG_FILE).is_file():
             logger.info("stage %s is already done (%s)", stage.name, out / "model")
             loaded = load_vlm(out / "model")
+            stages[stage.name] = _finished_stage(out)
             continue
         seed_everything(stage.train.seed)  # the fresh connector's initial weights depend on it
         loaded = _start(recipe, stage, loaded)
-        stages[stage.name] = run_stage(loaded, stage, out, progress)
+        stages[stage.name] = run_stage(loaded, stage, out, progress, _progress_eval(recipe.eval, loaded))
     metrics: dict = {}
     if recipe.eval.world and dist.is_main:
         metrics["vqa"] = evaluate_vqa_on_world(loaded, recipe.eval.world, recipe.eval.split,
