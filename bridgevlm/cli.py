@@ -183,7 +183,7 @@ def _eval(args) -> int:
         from .models.llm import LanguageModel
         from .recipes.lm import evaluate_lm
 
-        metrics = evaluate_lm(LanguageModel.from_pretrained(args.model), tokenizer, get_template(args.template),
+        metrics = evaluate_lm(LanguageModel.from_pretrained(args.model), tokenizer, get_template(args.template, tokenizer),
                               args.world, args.split)
     print(json.dumps(metrics, indent=1))
     return 0

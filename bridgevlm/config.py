@@ -334,12 +334,22 @@ def merge(base: Mapping, update: Mapping) -> dict:
     """Deep-merge ``update`` into ``base`` and return a new dict; neither input is modified.
 
     Nested mappings merge key by key; any other value in ``update`` (lists included) replaces the
-    one in ``base``.
+    one in ``base``, except a mapping whose keys are all list indices (``stages.1.train.lr=...``),
+    which updates those elements of a list.
     """
     out = {k: copy.deepcopy(v) for k, v in base.items()}
     for key, value in update.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
             out[key] = merge(out[key], value)
+        elif isinstance(value, Mapping) and isinstance(out.get(key), list) and value \
+                and all(str(k).isdigit() for k in value):
+            items = out[key]
+            for index, element in value.items():
+                if int(index) >= len(items):
+                    raise ConfigError(f"'{key}.{index}': index out of range, '{key}' has {len(items)} item(s)",
+                                      field=f"{key}.{index}")
+                both = isinstance(element, Mapping) and isinstance(items[int(index)], Mapping)
+                items[int(index)] = merge(items[int(index)], element) if both else copy.deepcopy(element)
         else:
             out[key] = copy.deepcopy(value)
     return out

@@ -243,3 +243,32 @@ def test_load_yaml_errors(tmp_path):
     with pytest.raises(ConfigError, match=rf"^{dup}:3:1: invalid YAML: duplicate key 'a' \(first defined on line 1\)"):
         load_yaml(dup)
     assert load_yaml(write(tmp_path, "", "empty.yaml")) == {}
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_overrides_reach_into_lists(tmp_path):
+    from bridgevlm.recipes.registry import load_recipe
+
+    _, recipe = load_recipe(CONFIGS / "shapes/llava.yaml", ["stages.1.train.max_steps=7", "stages.0.data.template=vicuna_v1"])
+    assert recipe.stages[1].train.max_steps == 7 and recipe.stages[0].data.template == "vicuna_v1"
+    assert recipe.stages[0].train.max_steps == 300  # the other stage keeps the file's value
+    with pytest.raises(ConfigError, match=r"'stages\.5': index out of range, 'stages' has 2 item"):
+        load_recipe(CONFIGS / "shapes/llava.yaml", ["stages.5.name=x"])
+
+
+@pytest.mark.parametrize("name", ["stage1_pretrain", "stage2_finetune", "stage2_lora"])
+def test_llava15_recipes_carry_the_paper_settings(name):
+    from bridgevlm.recipes.registry import load_recipe
+
+    task, recipe = load_recipe(CONFIGS / f"llava15/{name}.yaml")
+    assert task == "vlm" and recipe.model.connector.kind == "mlp2x_gelu" and recipe.model.vision.feature_layer == -2
+    first, last = recipe.stages[0], recipe.stages[-1]
+    assert first.data.template == "plain" and first.train.optim.lr == 1e-3 and first.trainable.llm == "frozen"
+    if name != "stage1_pretrain":
+        assert last.train.schedule.warmup_ratio == 0.03 and last.gradient_checkpointing
+        assert last.trainable.llm == ("lora" if name == "stage2_lora" else "full")
+        assert last.train.optim.lr == (2e-4 if name == "stage2_lora" else 2e-5)
+    if name == "stage2_lora":
+        assert (last.lora.rank, last.lora.alpha) == (128, 256) and last.train.optim.part_lrs == {"connector.": 2e-5}

@@ -47,6 +47,7 @@ class ConversationTemplate:
     user_sep: str = " "
     answer_prefix: str = " "
     plain: bool = False
+    add_bos: bool = True  # start with the tokenizer's BOS id (a chat template renders its own)
 
     def segments(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> list[Segment]:
         """Render messages ({'from': 'human'|'gpt', 'value'}) as segments. With
@@ -86,9 +87,61 @@ TEMPLATES: dict[str, ConversationTemplate] = {
 }
 
 
-def get_template(name: str) -> ConversationTemplate:
+CHAT_TEMPLATE = "chat_template"  # the name that selects the tokenizer's own chat template
+
+
+class TokenizerChatTemplate:
+    """A conversation format driven by a tokenizer's Jinja chat template.
+
+    Segments are the differences between renders of successive prefixes of the conversation: the
+    text an assistant turn adds (its reply and end-of-turn marker) is supervised, everything else
+    is not. This needs each render to extend the previous one, which is checked.
+    """
+
+    plain = False
+    add_bos = False  # the chat template writes any BOS itself
+
+    def __init__(self, tokenizer):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConversationError(f"the tokenizer has no chat template; pick one of {', '.join(TEMPLATES)} "
+                                    f"or set tokenizer.chat_template")
+        self.tokenizer = tokenizer
+        self.name = CHAT_TEMPLATE
+
+    def _render(self, turns: list[tuple[str, str]], add_generation_prompt: bool) -> str:
+        messages = [{"role": "user" if role == "human" else "assistant", "content": text} for role, text in turns]
+        if not messages:
+            return ""
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def segments(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> list[Segment]:
+        turns = _normalise(messages)
+        if add_generation_prompt and (not turns or turns[-1][0] != "human"):
+            raise ConversationError("a generation prompt needs the conversation to end with a user turn")
+        segments: list[Segment] = []
+        done = ""
+        for index, (role, _) in enumerate(turns):
+            # A user turn is rendered with the assistant's opening so the reply's segment holds only the reply.
+            text = self._render(turns[:index + 1], add_generation_prompt=role == "human")
+            if role == "human" and index == len(turns) - 1 and not add_generation_prompt:
+                text = self._render(turns[:index + 1], add_generation_prompt=False)
+            if not text.startswith(done):
+                raise ConversationError(f"the tokenizer's chat template does not render turn {index} as an "
+                                        f"extension of the turns before it, so labels cannot be built by segments")
+            segments.append(Segment(text[len(done):], supervised=role == "gpt"))
+            done = text
+        return segments
+
+
+def get_template(name: str, tokenizer=None):
+    """A template by name; `chat_template` uses `tokenizer`'s own chat template."""
+    if name == CHAT_TEMPLATE:
+        if tokenizer is None:
+            raise ConversationError("the chat_template format needs the tokenizer")
+        return TokenizerChatTemplate(tokenizer)
     if name not in TEMPLATES:
-        raise KeyError(f"unknown conversation template {name!r}; valid: {', '.join(TEMPLATES)}")
+        valid = ", ".join([*TEMPLATES, CHAT_TEMPLATE])
+        raise KeyError(f"unknown conversation template {name!r}; valid: {valid}")
     return TEMPLATES[name]
 
 
@@ -146,7 +199,7 @@ def tokenize_conversation(
     """
     segments = template.segments(messages, add_generation_prompt)
     encode = encode or (lambda text: tokenizer(text, add_special_tokens=False)["input_ids"])
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and template.add_bos else []
     ids, labels = list(bos), [IGNORE_INDEX] * len(bos)
     exchange_ends = []  # length after each complete (question, answer) exchange
     for segment in segments:

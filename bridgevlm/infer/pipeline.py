@@ -38,7 +38,7 @@ def answer(loaded: LoadedVlm, conversations: Sequence[list[dict]], images: Seque
            batch_size: int = 32) -> list[str]:
     """Replies to each conversation (batched with left padding; equal to one-at-a-time replies)."""
     cfg = cfg or GenerationConfig()
-    template = template or get_template(loaded.config.template)
+    template = template or get_template(loaded.config.template, loaded.tokenizer)
     model = loaded.model.eval()
     device = next(model.parameters()).device
     replies: list[str] = []
@@ -78,7 +78,7 @@ class Chat:
             text = f"{IMAGE_TAG}\n{text}"
         messages = self.messages + [{"from": "human", "value": text}]
         images = [self.image] if self.image is not None and IMAGE_TAG in messages[0]["value"] else []
-        loaded, template = self.loaded, self.template or get_template(self.loaded.config.template)
+        loaded, template = self.loaded, self.template or get_template(self.loaded.config.template, self.loaded.tokenizer)
         batch = prepare_prompts(loaded, template, [messages], [images])
         model = loaded.model.eval()
         embeds = model.embed(batch["input_ids"], batch["pixel_values"])

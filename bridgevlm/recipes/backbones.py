@@ -120,7 +120,7 @@ def evaluate_backbones(backbones_dir: str | Path, world_dir: str | Path, split: 
     lm_tokenizer = AutoTokenizer.from_pretrained(backbones_dir / "lm")
     return {
         "clip": evaluate_clip_on_world(clip, clip_tokenizer, processor, world_dir, split),
-        "lm": evaluate_lm(lm, lm_tokenizer, get_template(template), world_dir, split, limit_per_family),
+        "lm": evaluate_lm(lm, lm_tokenizer, get_template(template, lm_tokenizer), world_dir, split, limit_per_family),
     }
 
 

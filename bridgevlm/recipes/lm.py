@@ -55,7 +55,7 @@ def run_lm(recipe: LmRecipe, run_dir: str | Path, progress: bool = True) -> dict
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(to_dict(recipe), run_dir / "config.yaml")
     tokenizer = AutoTokenizer.from_pretrained(recipe.tokenizer)
-    template = get_template(recipe.template)
+    template = get_template(recipe.template, tokenizer)
     seed_everything(recipe.train.seed)  # before building: initial weights depend on it
     model = LanguageModel.from_pretrained(recipe.pretrained) if recipe.pretrained else LanguageModel(
         build_tiny_llama(recipe.model, tokenizer))

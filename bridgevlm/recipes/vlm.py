@@ -101,7 +101,7 @@ def run_stage(loaded: LoadedVlm, stage: Stage, out: Path, progress: bool = True,
     if stage.gradient_checkpointing:
         model.llm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.llm.model.config.use_cache = False
-    template = get_template(stage.data.template or loaded.config.template)
+    template = get_template(stage.data.template or loaded.config.template, loaded.tokenizer)
     records = read_conversations(stage.data.path)
     images = ImageSource(Path(stage.data.image_folder), loaded.processor, loaded.placeholder)
     dataset = ConversationDataset(records, loaded.tokenizer, template, stage.data.max_length, source=stage.data.path,

@@ -172,3 +172,49 @@ def test_openai_style_messages(tokenizer):
     a = tokenize_conversation(tokenizer, template, llava)
     b = tokenize_conversation(tokenizer, template, openai)
     assert a.input_ids == b.input_ids and a.labels == b.labels
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_chat_template_segments_supervise_only_the_replies(tokenizer):
+    import copy
+
+    from bridgevlm.data.templates import CHAT_TEMPLATE
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = CHATML
+    template = get_template(CHAT_TEMPLATE, tok)
+    messages = _messages(("What colour?", "red"), ("Sure?", "yes"), image=False)
+    segments = template.segments(messages)
+    assert [s.text for s in segments] == [
+        "<|im_start|>user\nWhat colour?<|im_end|>\n<|im_start|>assistant\n", "red<|im_end|>\n",
+        "<|im_start|>user\nSure?<|im_end|>\n<|im_start|>assistant\n", "yes<|im_end|>\n"]
+    assert [s.supervised for s in segments] == [False, True, False, True]
+    sample = tokenize_conversation(tok, template, messages)
+    assert tok.decode(sample.input_ids) == tok.apply_chat_template(
+        [{"role": r, "content": c} for r, c in (("user", "What colour?"), ("assistant", "red"), ("user", "Sure?"),
+                                                ("assistant", "yes"))], tokenize=False)
+    supervised = [i for i, label in zip(sample.input_ids, sample.labels) if label != IGNORE_INDEX]
+    assert tok.decode(supervised) == "red<|im_end|>\nyes<|im_end|>\n"
+    prompt = tokenize_conversation(tok, template, messages[:3], add_generation_prompt=True)
+    assert tok.decode(prompt.input_ids).endswith("Sure?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_chat_template_errors(tokenizer):
+    import copy
+
+    from bridgevlm.data.templates import CHAT_TEMPLATE
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = None
+    with pytest.raises(ConversationError, match="no chat template"):
+        get_template(CHAT_TEMPLATE, tok)
+    with pytest.raises(ConversationError, match="needs the tokenizer"):
+        get_template(CHAT_TEMPLATE)
+    tok.chat_template = "{% for m in messages|reverse %}{{ m['content'] }};{% endfor %}"  # not prefix-stable
+    with pytest.raises(ConversationError, match="extension of the turns before it"):
+        get_template(CHAT_TEMPLATE, tok).segments(_messages(("a", "b"), ("c", "d")))
+    with pytest.raises(KeyError, match="valid: vicuna_v1, vicuna_v1_nosys, plain, chat_template"):
+        get_template("vicuna")
