@@ -63,9 +63,9 @@ def export_llava(loaded: LoadedVlm, path: str | Path) -> Path:
     """Write a HF Llava directory (model, tokenizer, image processor config) with identical outputs;
     LoRA adapters are merged first."""
     model = loaded.model
-    if not isinstance(model.connector, MlpConnector) or len(model.connector.layers) != 3:
-        raise ConversionError(f"HF Llava has a 2-layer GELU projector; this model's connector is "
-                              f"{loaded.config.connector.kind!r}")
+    if not isinstance(model.connector, MlpConnector) or len(model.connector.layers) != 3 or model.connector.pool:
+        raise ConversionError(f"HF Llava has a 2-layer GELU projector without pooling; this model's connector is "
+                              f"{loaded.config.connector}")
     if model.vision.vision_config.model_type != "clip_vision_model":
         raise ConversionError("export to HF Llava needs a CLIP vision tower")
     for part in list(model.lora_parts):

@@ -65,6 +65,15 @@ class LanguageModel(nn.Module):
     def config(self):
         return self.model.config
 
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each decoder layer's activations in the backward pass (memory for time); the KV
+        cache is off while enabled, as the two do not mix."""
+        if enabled:
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.model.activation_checkpointing_disable()
+        self.model.config.use_cache = not enabled
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, T] -> [B, T, D]"""
         return self.model.get_input_embeddings()(input_ids)

@@ -99,8 +99,7 @@ def run_stage(loaded: LoadedVlm, stage: Stage, out: Path, progress: bool = True,
     model = loaded.model
     apply_trainability(model, stage.trainable, stage.lora)
     if stage.gradient_checkpointing:
-        model.llm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.llm.model.config.use_cache = False
+        model.llm.set_activation_checkpointing(True)
     template = get_template(stage.data.template or loaded.config.template, loaded.tokenizer)
     records = read_conversations(stage.data.path)
     images = ImageSource(Path(stage.data.image_folder), loaded.processor, loaded.placeholder)
@@ -113,8 +112,7 @@ def run_stage(loaded: LoadedVlm, stage: Stage, out: Path, progress: bool = True,
                          out, eval_fn=eval_fn if stage.train.eval_every else None, config_to_save=to_dict(stage),
                          progress=progress)
     if stage.gradient_checkpointing:
-        model.llm.model.gradient_checkpointing_disable()
-        model.llm.model.config.use_cache = True
+        model.llm.set_activation_checkpointing(False)
     save_vlm(loaded, out / "model")
     summary = {"steps": result.steps, "final_loss": result.final_loss, "data": data_report,
                "seconds": sum(r.get("seconds", 0.0) for r in result.history if "loss" in r)}

@@ -90,5 +90,5 @@ def test_bridgevlm_model_exports_to_transformers(vlm_parts, tokenizer, tmp_path,
 
 def test_linear_connector_cannot_become_hf_llava(vlm_parts, tmp_path, single_thread):
     loaded = build_vlm(from_dict(VlmConfig, {**vlm_parts, "connector": {"kind": "linear"}}))
-    with pytest.raises(ConversionError, match="2-layer GELU projector"):
+    with pytest.raises(ConversionError, match="2-layer GELU projector without pooling"):
         export_llava(loaded, tmp_path / "hf")

@@ -136,3 +136,27 @@ def test_image_tag_errors_name_the_sample(loaded, tmp_path):
     missing = [{"id": "s3", "image": "gone.png", "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a"}]}]
     with pytest.raises(ValueError, match=r"image not found: .*gone\.png \(sample 0 \(id 's3'\)"):
         _batch(loaded, tmp_path, missing)
+
+
+def test_pooled_connector_averages_grid_cells():
+    connector = build_connector(ConnectorConfig("linear", pool=2), 3, 3)
+    with torch.no_grad():
+        connector.layers[0].weight.copy_(torch.eye(3))
+        connector.layers[0].bias.zero_()
+    grid = torch.arange(16.0).view(4, 4)  # a 4x4 patch grid, one feature channel repeated 3 times
+    features = grid.flatten()[None, :, None].repeat(1, 1, 3)
+    out = connector(features)
+    assert connector.num_tokens(16) == 4 and out.shape == (1, 4, 3)
+    assert out[0, :, 0].tolist() == [2.5, 4.5, 10.5, 12.5]  # means of the 2x2 blocks, in reading order
+    with pytest.raises(ValueError, match="square patch grid"):
+        connector.num_tokens(17)
+    with pytest.raises(ValueError, match="larger than the 1x1"):
+        connector.num_tokens(1)
+
+
+def test_pooled_vlm_splices_fewer_tokens(vlm_parts, tmp_path, single_thread):
+    loaded = build_vlm(from_dict(VlmConfig, {**vlm_parts, "connector": {"kind": "mlp2x_gelu", "pool": 2}}))
+    assert loaded.model.num_image_tokens == 4
+    batch = _batch(loaded, tmp_path, RECORDS)
+    assert (batch["input_ids"] == loaded.model.image_token_id).sum(1).tolist() == [4, 0, 4]
+    assert torch.isfinite(loaded.model(batch).loss_sum)

@@ -74,3 +74,39 @@ def test_bad_stage_data_is_named(vlm_parts, shapes_world, tmp_path, single_threa
     recipe.stages[0].data.path = str(bad)
     with pytest.raises(ValueError, match=r"bad\.json: sample 0 \(id 'x1'\): has 0 <image> tag"):
         run_vlm(recipe, tmp_path / "run", progress=False)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(vlm_parts, shapes_world, tmp_path, single_thread):
+    import torch
+
+    from bridgevlm.data.conversations import ConversationDataset, ImageSource, PadCollator
+    from bridgevlm.data.formats import read_conversations
+    from bridgevlm.data.templates import get_template
+    from bridgevlm.models.assemble import VlmConfig, build_vlm
+    from bridgevlm.models.lora import LoraSettings
+    from bridgevlm.train.trainability import Trainability, apply_trainability
+
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        loaded = build_vlm(from_dict(VlmConfig, vlm_parts))
+        apply_trainability(loaded.model, Trainability(llm="full"), LoraSettings())
+        if checkpointing:
+            loaded.model.llm.set_activation_checkpointing(True)
+        records = read_conversations(shapes_world / "instruct/train.json")[:4]
+        data = ConversationDataset(records, loaded.tokenizer, get_template("vicuna_v1"), 512,
+                                   images=ImageSource(shapes_world / "images", loaded.processor, loaded.placeholder))
+        batch = PadCollator(loaded.tokenizer.pad_token_id, loaded.processor)([data[i] for i in range(4)])
+        loaded.model.train()
+        loaded.model(batch).loss_sum.backward()
+        grads.append({n: p.grad.clone() for n, p in loaded.model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any(n.startswith("llm.") for n in grads[0])
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
+
+
+def test_image_samples_longer_than_max_length_are_named(vlm_parts, shapes_world, tmp_path, single_thread):
+    recipe = _recipe(vlm_parts, shapes_world)
+    recipe.stages[0].data.max_length = 10  # fewer than the 16 image tokens of one image
+    with pytest.raises(ValueError, match=r"captions/train\.json: sample 0 \(id 'train_000000'\): first exchange alone has \d+ tokens, more than max_length 10"):
+        run_vlm(recipe, tmp_path / "run", progress=False)

@@ -15,10 +15,11 @@ from .mlp import MlpConnector, mlp_depth
 @dataclass
 class ConnectorConfig:
     kind: str = "mlp2x_gelu"  # linear | mlp{N}x_gelu
+    pool: int = 0  # average-pool the square patch grid to pool x pool tokens first; 0 keeps every patch
 
 
 def _build_mlp(cfg: ConnectorConfig, vision_hidden: int, llm_hidden: int) -> nn.Module:
-    return MlpConnector(vision_hidden, llm_hidden, depth=mlp_depth(cfg.kind))
+    return MlpConnector(vision_hidden, llm_hidden, depth=mlp_depth(cfg.kind), pool=cfg.pool)
 
 
 # family -> builder(cfg, vision_hidden, llm_hidden). The "mlp" family covers the kinds `linear` and
