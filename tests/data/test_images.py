@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import CLIPImageProcessor
 
 from bridgevlm.data.images import CLIP_MEAN, CLIP_STD, ImageLoadError, ImageProcessor, load_image
 
@@ -86,3 +87,24 @@ def test_normalize_is_batched():
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     assert torch.allclose(out, (pixels.float() / 255 - mean) / std)
+
+
+@pytest.mark.parametrize("size_wh", [(640, 480), (97, 203), (96, 96), (300, 301)])
+def test_processor_matches_transformers_clip_image_processor(tmp_path, size_wh):
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (size_wh[1], size_wh[0], 3), dtype=np.uint8))
+    ours = ImageProcessor(size=224)
+    ours.save_pretrained(tmp_path)
+    reference = CLIPImageProcessor.from_pretrained(tmp_path)(image, return_tensors="np")["pixel_values"][0]
+    assert (ours(image) - torch.from_numpy(reference)).abs().max().item() < 1e-5
+    assert ImageProcessor.from_pretrained(tmp_path) == ours
+
+
+def test_pad_aspect_keeps_the_whole_image_on_a_mean_colour_square():
+    wide = Image.new("RGB", (40, 20), (255, 0, 0))
+    pixels = ImageProcessor(size=20, aspect="pad").to_uint8(wide)
+    mean_colour = [int(m * 255) for m in ImageProcessor().mean]
+    assert pixels[:, 0, 10].tolist() == mean_colour and pixels[:, 19, 10].tolist() == mean_colour  # top/bottom bands
+    assert pixels[:, 10, 0].tolist() == [255, 0, 0] and pixels[:, 10, 19].tolist() == [255, 0, 0]  # full width kept
+    with pytest.raises(ValueError, match="valid: crop, pad"):
+        ImageProcessor(aspect="stretch")
