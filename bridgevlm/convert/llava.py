@@ -1,6 +1,7 @@
 """Hugging Face `LlavaForConditionalGeneration` <-> bridgevlm (CLIP tower, mlp2x_gelu, causal LM)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -15,21 +16,16 @@ from ..models.vision import VisionTower, VisionTowerConfig
 from ..models.vlm import VisionLanguageModel
 from .keys import ConversionError, convert_state
 
-# HF module names (transformers >= 5, in memory) -> bridgevlm names.
-FROM_HF = [
-    (r"^model\.vision_tower\.(.*)$", r"vision.model.\1"),
-    (r"^model\.multi_modal_projector\.linear_1\.(.*)$", r"connector.layers.0.\1"),
-    (r"^model\.multi_modal_projector\.linear_2\.(.*)$", r"connector.layers.2.\1"),
-    (r"^model\.language_model\.(.*)$", r"llm.model.model.\1"),
-    (r"^lm_head\.(.*)$", r"llm.model.lm_head.\1"),
+# HF module names (transformers >= 5, in memory) <-> bridgevlm names, as prefix pairs.
+PREFIXES = [
+    ("model.vision_tower.", "vision.model."),
+    ("model.multi_modal_projector.linear_1.", "connector.layers.0."),
+    ("model.multi_modal_projector.linear_2.", "connector.layers.2."),
+    ("model.language_model.", "llm.model.model."),
+    ("lm_head.", "llm.model.lm_head."),
 ]
-TO_HF = [
-    (r"^vision\.model\.(.*)$", r"model.vision_tower.\1"),
-    (r"^connector\.layers\.0\.(.*)$", r"model.multi_modal_projector.linear_1.\1"),
-    (r"^connector\.layers\.2\.(.*)$", r"model.multi_modal_projector.linear_2.\1"),
-    (r"^llm\.model\.model\.(.*)$", r"model.language_model.\1"),
-    (r"^llm\.model\.lm_head\.(.*)$", r"lm_head.\1"),
-]
+FROM_HF = [(rf"^{re.escape(hf)}(.*)$", rf"{ours}\1") for hf, ours in PREFIXES]
+TO_HF = [(rf"^{re.escape(ours)}(.*)$", rf"{hf}\1") for hf, ours in PREFIXES]
 _SELECT = {"default": "patch", "full": "full"}
 
 
