@@ -60,12 +60,16 @@ def _add_eval(sub) -> None:
 def _add_quickstart(sub) -> None:
     p = sub.add_parser("quickstart", help="the whole pipeline on the embedded default, with a report",
                        description="Generate the world, load the shipped tiny backbones (or make them with "
-                                   "--from-scratch), evaluate, and write DIR/report.json and DIR/report.md.")
+                                   "--from-scratch), evaluate them, train and evaluate LLaVA on them, and write "
+                                   "DIR/report.json and DIR/report.md.")
     p.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="output directory (default runs/quickstart)")
     p.add_argument("--from-scratch", action="store_true", help="pretrain the tiny CLIP and LM instead of loading them")
     p.add_argument("--budget", type=float, default=1.0, help="multiplier on every training stage's steps (default 1)")
     p.add_argument("--backbones", type=Path, default=None, help="backbones directory to load (default: the shipped ones)")
     p.add_argument("--recipe", type=Path, default=None, help="backbone recipe for --from-scratch")
+    p.add_argument("--llava-recipe", type=Path, default=None,
+                   help="recipe for the LLaVA stages (default configs/shapes/llava.yaml)")
+    p.add_argument("--skip-llava", action="store_true", help="stop after the backbones")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -193,7 +197,9 @@ def _quickstart(args) -> int:
     from .quickstart import QuickstartOptions, run_quickstart
 
     options = QuickstartOptions(out=args.out, from_scratch=args.from_scratch, budget=args.budget,
-                                progress=not args.no_progress)
+                                llava=not args.skip_llava, progress=not args.no_progress)
+    if args.llava_recipe:
+        options.llava_recipe = args.llava_recipe
     if args.backbones:
         options.backbones = args.backbones
     if args.recipe:

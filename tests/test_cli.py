@@ -30,7 +30,8 @@ def test_top_level_help_lists_the_commands_and_examples(capsys):
     ("chat", ["model", "--image", "--max-new-tokens", "--temperature", "--top-p", "--num-beams", "/reset"]),
     ("export", ["model", "--out", "--format", "LoRA"]),
     ("convert", ["source", "--out", "Llava"]),
-    ("quickstart", ["--out", "--from-scratch", "--budget", "--backbones", "--recipe", "--no-progress"]),
+    ("quickstart", ["--out", "--from-scratch", "--budget", "--backbones", "--recipe", "--llava-recipe", "--skip-llava",
+                    "--no-progress"]),
 ])
 def test_subcommand_help_mentions_its_options(capsys, command, options):
     text = _help(capsys, [command])
@@ -119,11 +120,16 @@ def test_eval_with_a_missing_world_is_a_clear_error(tiny_backbones, tmp_path, ca
     assert "Traceback" not in err
 
 
-def test_quickstart_with_given_backbones(tiny_backbones, tmp_path):
+def test_quickstart_with_given_backbones(tiny_backbones, tiny, tmp_path):
     out = tmp_path / "qs"
-    assert main(["quickstart", "--out", str(out), "--backbones", str(tiny_backbones), "--no-progress"]) == 0
+    llava = tiny.llava_recipe(tmp_path / "llava.yaml")
+    assert main(["quickstart", "--out", str(out), "--backbones", str(tiny_backbones), "--llava-recipe", str(llava),
+                 "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert set(report["metrics"]) == {"clip", "lm"}
+    assert set(report["metrics"]) == {"clip", "lm", "llava"}
+    assert main(["quickstart", "--out", str(tmp_path / "qs2"), "--backbones", str(tiny_backbones), "--skip-llava",
+                 "--no-progress"]) == 0
+    assert set(json.loads((tmp_path / "qs2/report.json").read_text())["metrics"]) == {"clip", "lm"}
     assert str(tiny_backbones) in (out / "report.md").read_text()
 
 
