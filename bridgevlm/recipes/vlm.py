@@ -21,7 +21,7 @@ from ..eval.vqa import evaluate_vqa_on_world
 from ..io import write_json
 from ..models.assemble import CONFIG_FILE, LoadedVlm, VlmConfig, build_vlm, load_vlm, save_vlm
 from ..models.lora import LoraSettings
-from ..train.distributed import init_distributed
+from ..train.distributed import DistContext, barrier, init_distributed
 from ..train.loop import TrainConfig, seed_everything, train_stage
 from ..train.trainability import Trainability, apply_trainability
 
@@ -93,9 +93,11 @@ def _start(recipe: VlmRecipe, stage: Stage, previous: LoadedVlm | None) -> Loade
     return load_vlm(stage.init)
 
 
-def run_stage(loaded: LoadedVlm, stage: Stage, out: Path, progress: bool = True, eval_fn=None) -> dict:
-    """Train one stage of `loaded` in place and save the result to out/model. `eval_fn(model, step)`
-    runs every `stage.train.eval_every` steps."""
+def run_stage(loaded: LoadedVlm, stage: Stage, out: Path, progress: bool = True, eval_fn=None,
+              dist: DistContext | None = None) -> dict:
+    """Train one stage of `loaded` in place and save the result to out/model (rank 0 writes, the
+    other ranks wait for it). `eval_fn(model, step)` runs every `stage.train.eval_every` steps."""
+    dist = dist or init_distributed()
     model = loaded.model
     apply_trainability(model, stage.trainable, stage.lora)
     if stage.gradient_checkpointing:
@@ -109,14 +111,16 @@ def run_stage(loaded: LoadedVlm, stage: Stage, out: Path, progress: bool = True,
     logger.info("stage %s data: %d samples, %.1f%% of %d tokens supervised", stage.name, data_report["samples"],
                 100 * data_report["supervised_share"], data_report["tokens"])
     result = train_stage(model, dataset, PadCollator(loaded.tokenizer.pad_token_id, loaded.processor), stage.train,
-                         out, eval_fn=eval_fn if stage.train.eval_every else None, config_to_save=to_dict(stage),
-                         progress=progress)
+                         out, eval_fn=eval_fn if stage.train.eval_every else None, dist=dist,
+                         config_to_save=to_dict(stage), progress=progress)
     if stage.gradient_checkpointing:
         model.llm.set_activation_checkpointing(False)
-    save_vlm(loaded, out / "model")
     summary = {"steps": result.steps, "final_loss": result.final_loss, "data": data_report,
                "seconds": sum(r.get("seconds", 0.0) for r in result.history if "loss" in r)}
-    write_json(out / "summary.json", summary)
+    if dist.is_main:
+        write_json(out / "summary.json", summary)
+        save_vlm(loaded, out / "model")  # last: a complete model directory marks the stage as done
+    barrier()
     return {**summary, "history": result.history}
 
 
@@ -158,7 +162,7 @@ def run_vlm(recipe: VlmRecipe, run_dir: str | Path, progress: bool = True) -> di
             continue
         seed_everything(stage.train.seed)  # the fresh connector's initial weights depend on it
         loaded = _start(recipe, stage, loaded)
-        stages[stage.name] = run_stage(loaded, stage, out, progress, _progress_eval(recipe.eval, loaded))
+        stages[stage.name] = run_stage(loaded, stage, out, progress, _progress_eval(recipe.eval, loaded), dist)
     metrics: dict = {}
     if recipe.eval.world and dist.is_main:
         metrics["vqa"] = evaluate_vqa_on_world(loaded, recipe.eval.world, recipe.eval.split,

@@ -110,3 +110,33 @@ def test_image_samples_longer_than_max_length_are_named(vlm_parts, shapes_world,
     recipe.stages[0].data.max_length = 10  # fewer than the 16 image tokens of one image
     with pytest.raises(ValueError, match=r"captions/train\.json: sample 0 \(id 'train_000000'\): first exchange alone has \d+ tokens, more than max_length 10"):
         run_vlm(recipe, tmp_path / "run", progress=False)
+
+
+def test_two_rank_torchrun_trains_and_saves_once(vlm_parts, shapes_world, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    from bridgevlm.config import to_dict
+
+    recipe = _recipe(vlm_parts, shapes_world, steps=2)
+    recipe.eval.world = ""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"task": "vlm", **to_dict(recipe)}))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(port), "-m", "bridgevlm.cli", "train", str(path),
+                             "--out", str(tmp_path / "run"), "--no-progress"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("01_align", "02_instruct"):
+        assert (tmp_path / "run" / name / "model" / "weights.safetensors").is_file()
+        lines = (tmp_path / "run" / name / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == 2  # rank 0 alone logs: one line per step
+    assert load_vlm(tmp_path / "run/02_instruct/model").model.lora_parts
