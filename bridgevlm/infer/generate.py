@@ -190,7 +190,8 @@ def _beam_search(model, inputs_embeds, attention_mask, cfg: GenerationConfig, eo
     return best
 
 
-def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """`text` up to the first stop string it contains, and whether it contained one."""
     cut = min((text.find(s) for s in stops if s and s in text), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
 
@@ -219,12 +220,12 @@ def generate(model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, c
                     continue
                 tokens[row].append(token)
                 # Only the recent tail can complete a stop string that was not there a step ago.
-                if cfg.stop and _cut_at_stop(tokenizer.decode(tokens[row][-32:], skip_special_tokens=True), cfg.stop)[1]:
+                if cfg.stop and cut_at_stop(tokenizer.decode(tokens[row][-32:], skip_special_tokens=True), cfg.stop)[1]:
                     ended[row] = True
             if all(ended):
                 break
     texts = None
     if tokenizer is not None:
-        texts = [_cut_at_stop(tokenizer.decode(t, skip_special_tokens=True), cfg.stop)[0] for t in tokens]
+        texts = [cut_at_stop(tokenizer.decode(t, skip_special_tokens=True), cfg.stop)[0] for t in tokens]
     return GenerationOutput(tokens=tokens, texts=texts)
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 from ..data.templates import IMAGE_TAG, ConversationTemplate, get_template, tokenize_conversation
 from ..models.assemble import LoadedVlm
-from .generate import GenerationConfig, generate, stream_tokens
+from .generate import GenerationConfig, cut_at_stop, generate, stream_tokens
 
 
 def prepare_prompts(loaded: LoadedVlm, template: ConversationTemplate, conversations: Sequence[list[dict]],
@@ -90,16 +90,13 @@ class Chat:
             if token == tokenizer.eos_token_id:
                 break
             tokens.append(token)
-            text_so_far = tokenizer.decode(tokens, skip_special_tokens=True)
-            cut = min((text_so_far.find(s) for s in self.cfg.stop if s and s in text_so_far), default=-1)
-            if cut >= 0:
-                text_so_far = text_so_far[:cut]
-            if text_so_far.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+            text_so_far, stopped = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), self.cfg.stop)
+            if text_so_far.endswith("\ufffd") and not stopped:  # half of a multi-byte character: wait for the rest
                 continue
             if len(text_so_far) > len(shown):
                 yield text_so_far[len(shown):]
                 shown = text_so_far
-            if cut >= 0:
+            if stopped:
                 break
         self.messages = messages + [{"from": "gpt", "value": shown.strip()}]
 
