@@ -90,7 +90,8 @@ class Chat:
             if token == tokenizer.eos_token_id:
                 break
             tokens.append(token)
-            text_so_far, stopped = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), self.cfg.stop)
+            # lstrip: templates put a space between the role marker and the reply
+            text_so_far, stopped = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True).lstrip(), self.cfg.stop)
             if text_so_far.endswith("\ufffd") and not stopped:  # half of a multi-byte character: wait for the rest
                 continue
             if len(text_so_far) > len(shown):
