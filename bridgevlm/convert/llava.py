@@ -11,7 +11,6 @@ from ..data.images import ImageProcessor
 from ..models.assemble import LoadedVlm, VlmConfig
 from ..models.connectors import ConnectorConfig, MlpConnector
 from ..models.llm import LanguageModel
-from ..models.lora import merge_lora
 from ..models.vision import VisionTower, VisionTowerConfig
 from ..models.vlm import VisionLanguageModel
 from .keys import ConversionError, convert_state
@@ -47,8 +46,7 @@ def import_llava(path: str | Path, trust_remote_code: bool = False) -> LoadedVlm
     state = convert_state(hf.state_dict(), FROM_HF, model.state_dict(), f"import {path}")
     model.load_state_dict(state, strict=True)
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    processor = ImageProcessor.from_pretrained(path, image_size=vision.image_size, aspect="crop") \
-        if Path(path).is_dir() else ImageProcessor(size=vision.image_size, aspect="crop")
+    processor = ImageProcessor.from_pretrained(path, image_size=vision.image_size, aspect="crop")
     cfg = VlmConfig(vision=VisionTowerConfig("vision", config.vision_feature_layer, select),
                     connector=ConnectorConfig("mlp2x_gelu"), llm="llm", image_aspect="crop",
                     image_token_id=config.image_token_id)
@@ -64,10 +62,7 @@ def export_llava(loaded: LoadedVlm, path: str | Path) -> Path:
                               f"{loaded.config.connector}")
     if model.vision.vision_config.model_type != "clip_vision_model":
         raise ConversionError("export to HF Llava needs a CLIP vision tower")
-    for part in list(model.lora_parts):
-        merge_lora(getattr(model, part))
-        model.fully_trained.add(part)
-    model.lora_parts = {}
+    model.merge_adapters()
     config = LlavaConfig(vision_config=model.vision.vision_config.to_dict(), text_config=model.llm.config.to_dict(),
                          image_token_id=model.image_token_id, projector_hidden_act="gelu",
                          vision_feature_layer=model.vision.feature_layer,

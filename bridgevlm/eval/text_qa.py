@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..data.templates import ConversationTemplate, tokenize_conversation
+from ..infer.generate import left_pad
 from ..models.llm import LanguageModel
 from .metrics import exact_match, mean
 
@@ -18,7 +19,8 @@ from .metrics import exact_match, mean
 def prompt_messages(context_text: str, item: dict) -> list[dict]:
     """The item's question (after any earlier dialogue turns), opened by `context_text`."""
     turns = list(item.get("context", [])) + [{"from": "human", "value": item["question"]}]
-    turns[0] = {"from": "human", "value": f"{context_text}\n{turns[0]['value']}"}
+    if context_text:  # an empty context (a blind question) adds no separating line
+        turns[0] = {"from": "human", "value": f"{context_text}\n{turns[0]['value']}"}
     return turns
 
 
@@ -32,12 +34,8 @@ def greedy_answers(model, tokenizer, template: ConversationTemplate, prompts: li
     for start in range(0, len(prompts), batch_size):
         chunk = [tokenize_conversation(tokenizer, template, p, add_generation_prompt=True).input_ids
                  for p in prompts[start:start + batch_size]]
-        width = max(map(len, chunk))
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, seq in enumerate(chunk):
-            ids[row, width - len(seq):] = torch.tensor(seq)
-            mask[row, width - len(seq):] = 1
+        ids, mask = left_pad(chunk, tokenizer.pad_token_id)
+        width = ids.shape[1]
         device = next(hf_model.parameters()).device
         out = hf_model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)

@@ -31,8 +31,6 @@ def evaluate_vqa_on_world(loaded: LoadedVlm, world_dir: str | Path, split: str =
         if not items:
             continue
         prompts = [prompt_messages("" if blind else IMAGE_TAG, item) for item in items]
-        if blind:  # no image and no empty line where it stood
-            prompts = [[dict(p[0], value=p[0]["value"].lstrip("\n"))] + p[1:] for p in prompts]
         images = [[] if blind else [load_image(world_dir / "images" / item["image"], sample=item["id"])]
                   for item in items]
         predictions = answer(loaded, prompts, images, cfg)

@@ -46,6 +46,17 @@ class GenerationOutput:
     texts: list[str] | None = None  # per row, cut before any stop string (when a tokenizer was given)
 
 
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths -> ids [B, T] padded on the left, and their attention mask."""
+    width = max(map(len, sequences))
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = torch.as_tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that count only real tokens, so a left-padded row sees the positions it would see alone."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -90,9 +101,9 @@ def _filter_logits(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if cfg.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        probs = sorted_logits.softmax(-1)
         # Drop a token when the tokens ranked above it already reach top_p (the best one always stays).
-        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= cfg.top_p
+        drop_sorted = (probs.cumsum(-1) - probs) >= cfg.top_p
         logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
     return logits
 

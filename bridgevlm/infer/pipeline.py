@@ -9,7 +9,7 @@ from PIL import Image
 
 from ..data.templates import IMAGE_TAG, ConversationTemplate, get_template, tokenize_conversation
 from ..models.assemble import LoadedVlm
-from .generate import GenerationConfig, cut_at_stop, generate, stream_tokens
+from .generate import GenerationConfig, cut_at_stop, generate, left_pad, stream_tokens
 
 
 def prepare_prompts(loaded: LoadedVlm, template: ConversationTemplate, conversations: Sequence[list[dict]],
@@ -21,12 +21,7 @@ def prepare_prompts(loaded: LoadedVlm, template: ConversationTemplate, conversat
     for index, (row, imgs) in enumerate(zip(rows, images)):
         if row.num_images != len(imgs):
             raise ValueError(f"prompt {index} has {row.num_images} {IMAGE_TAG} tag(s) but {len(imgs)} image(s)")
-    width = max(len(r.input_ids) for r in rows)
-    ids = torch.full((len(rows), width), loaded.tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for index, row in enumerate(rows):
-        ids[index, width - len(row.input_ids):] = torch.tensor(row.input_ids)
-        mask[index, width - len(row.input_ids):] = 1
+    ids, mask = left_pad([r.input_ids for r in rows], loaded.tokenizer.pad_token_id)
     flat = [img for imgs in images for img in imgs]
     pixels = loaded.processor.normalize(torch.stack([loaded.processor.to_uint8(i) for i in flat])) if flat else None
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}

@@ -22,7 +22,7 @@ from ..data.templates import IMAGE_TAG, ImagePlaceholder
 from ..io import atomic_write_text
 from .connectors import ConnectorConfig, build_connector
 from .llm import LanguageModel
-from .lora import LoraSettings, inject_lora, merge_lora
+from .lora import LoraSettings, inject_lora
 from .vision import VisionTower, VisionTowerConfig
 from .vlm import VisionLanguageModel
 
@@ -89,8 +89,7 @@ def build_vlm(cfg: VlmConfig, base_dir: str | Path | None = None, trust_remote_c
     connector = build_connector(cfg.connector, vision.hidden_size, llm.config.hidden_size)
     token_id = cfg.image_token_id if cfg.image_token_id is not None else image_token_id(tokenizer)
     model = VisionLanguageModel(vision, connector, llm, token_id)
-    processor = ImageProcessor.from_pretrained(vision_cfg.path, image_size=vision.image_size, aspect=cfg.image_aspect) \
-        if os.path.isdir(vision_cfg.path) else ImageProcessor(size=vision.image_size, aspect=cfg.image_aspect)
+    processor = ImageProcessor.from_pretrained(vision_cfg.path, image_size=vision.image_size, aspect=cfg.image_aspect)
     if processor.size != vision.image_size:
         raise ValueError(f"the image processor crops to {processor.size} px but the vision tower expects "
                          f"{vision.image_size} px ({vision_cfg.path})")
@@ -161,10 +160,7 @@ def export_vlm(loaded: LoadedVlm, directory: str | Path) -> Path:
     directory no longer depends on the pretrained paths."""
     directory = Path(directory)
     model = loaded.model
-    for part in list(model.lora_parts):
-        merge_lora(getattr(model, part))
-        model.fully_trained.add(part)
-    model.lora_parts = {}
+    model.merge_adapters()
     model.vision.save_pretrained(directory / "vision")
     loaded.processor.save_pretrained(directory / "vision")
     model.llm.model.save_pretrained(directory / "llm")

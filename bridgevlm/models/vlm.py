@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .llm import LanguageModel, supervised_lm_loss
+from .lora import merge_lora
 from .output import LossOutput
 from .vision import VisionTower
 
@@ -34,6 +35,13 @@ class VisionLanguageModel(nn.Module):
         self.image_token_id = image_token_id
         self.lora_parts: dict = {}  # part name -> LoraSettings of the adapters it holds
         self.fully_trained: set[str] = set()  # parts whose every weight may differ from the pretrained one
+
+    def merge_adapters(self) -> None:
+        """Fold every part's LoRA adapters into its weights; those parts then count as fully trained."""
+        for part in self.lora_parts:
+            merge_lora(getattr(self, part))
+            self.fully_trained.add(part)
+        self.lora_parts = {}
 
     @property
     def num_image_tokens(self) -> int:

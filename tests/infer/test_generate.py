@@ -6,7 +6,7 @@ import torch
 from transformers import AutoTokenizer
 
 from bridgevlm.data.templates import get_template, tokenize_conversation
-from bridgevlm.infer.generate import GenerationConfig, generate
+from bridgevlm.infer.generate import GenerationConfig, generate, left_pad
 from bridgevlm.models.llm import LanguageModel
 from bridgevlm.recipes.backbones import SHIPPED
 
@@ -28,12 +28,7 @@ def _prompt_ids(tokenizer, question):
 
 
 def _left_padded(lm, ids_list, pad_id):
-    width = max(map(len, ids_list))
-    ids = torch.full((len(ids_list), width), pad_id)
-    mask = torch.zeros_like(ids)
-    for row, seq in enumerate(ids_list):
-        ids[row, width - len(seq):] = torch.tensor(seq)
-        mask[row, width - len(seq):] = 1
+    ids, mask = left_pad(ids_list, pad_id)
     return lm.embed(ids), mask, ids
 
 
