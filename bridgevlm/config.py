@@ -448,16 +448,18 @@ def load_config(
 
 def _provides(keys: Sequence[str], value: Any, parts: _Parts) -> bool:
     """Whether a layer that sets ``keys`` to ``value`` supplied the config value at ``parts``."""
+    # A list index is an int in `parts` but a string in an override's keys (`stages.0.name=...`).
     n = min(len(keys), len(parts))
-    if tuple(keys[:n]) != tuple(parts[:n]):
+    if tuple(map(str, keys[:n])) != tuple(map(str, parts[:n])):
         return False
     node = value
     for part in parts[len(keys):]:
         if not isinstance(node, Mapping):  # a list or scalar replaced everything beneath it
             return True
-        if part not in node:
+        key = part if part in node else str(part)
+        if key not in node:
             return False
-        node = node[part]
+        node = node[key]
     return True
 
 

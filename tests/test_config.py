@@ -272,3 +272,10 @@ def test_llava15_recipes_carry_the_paper_settings(name):
         assert last.train.optim.lr == (2e-4 if name == "stage2_lora" else 2e-5)
     if name == "stage2_lora":
         assert (last.lora.rank, last.lora.alpha) == (128, 256) and last.train.optim.part_lrs == {"connector.": 2e-5}
+
+
+def test_a_bad_override_inside_a_list_is_named_as_the_override():
+    from bridgevlm.recipes.registry import load_recipe
+
+    with pytest.raises(ConfigError, match=r"command line override 'stages\.0\.trainable\.conector=full'.*did you mean 'connector'"):
+        load_recipe(CONFIGS / "shapes/llava.yaml", ["stages.0.trainable.conector=full"])
