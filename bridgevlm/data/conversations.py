@@ -70,6 +70,19 @@ class ConversationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def lengths(self) -> list[int]:
+        """Tokens per sample (exact when pretokenised, else estimated from the characters and the
+        image placeholders): what length-grouped batching sorts by."""
+        if self.samples is not None:
+            return [len(s["input_ids"]) for s in self.samples]
+        per_image = self.images.placeholder.count if self.images else 0
+        return [sum(len(m.get("value", "")) for m in r.get("conversations", [])) // 4
+                + per_image * len(record_images(r)) for r in self.records]
+
+    def modalities(self) -> list[int]:
+        """1 for samples with images, 0 for text-only ones (batches are grouped by modality too)."""
+        return [int(bool(record_images(r))) for r in self.records]
+
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index] if self.samples is not None else self._tokenize(index)
         if self.images is None:

@@ -10,7 +10,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
+
+from .layout import use_cpu_decoding_layout
 
 
 @dataclass
@@ -63,18 +65,36 @@ def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class _Decoder:
-    """One prompt batch and its KV cache; `step(ids)` appends one token per row."""
+    """One prompt batch and its KV cache; `step(ids)` appends one token per row.
 
-    def __init__(self, model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, repeat: int = 1):
+    With `max_length` (greedy and sampling), the cache is preallocated for the whole generation
+    and written in place: no per-step copy of a growing cache. Beam search reorders its cache, so
+    it keeps a dynamic one. Model calls run under inference mode (no autograd bookkeeping at all);
+    it is entered per call, never across a caller's code.
+    """
+
+    def __init__(self, model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, repeat: int = 1,
+                 max_length: int | None = None):
         self.model = model
-        self.cache = DynamicCache(config=model.config)
-        self.mask = attention_mask.long()
-        out = model(inputs_embeds=inputs_embeds, attention_mask=self.mask, position_ids=position_ids_for(self.mask),
-                    past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        if not model.training:  # a model used for inference on a CPU gets the faster decoding layout
+            use_cpu_decoding_layout(model)
+        width = inputs_embeds.shape[1]
+        self.static = max_length is not None and repeat == 1
+        with torch.inference_mode():
+            if self.static:
+                self.cache = StaticCache(config=model.config, max_cache_len=max_length)
+            else:
+                self.cache = DynamicCache(config=model.config)
+            self.mask = attention_mask.long()
+            out = model(inputs_embeds=inputs_embeds, attention_mask=self.mask,
+                        position_ids=position_ids_for(self.mask), past_key_values=self.cache, use_cache=True,
+                        cache_position=torch.arange(width, device=inputs_embeds.device), logits_to_keep=1)
         self.logits = out.logits[:, -1].float()  # [B, V]
         self.next_position = self.mask.sum(-1, keepdim=True)  # [B, 1]
+        self.written = width  # cache slots filled
         if repeat > 1:  # beams share their prompt's prefill
-            self.cache.batch_repeat_interleave(repeat)
+            with torch.inference_mode():
+                self.cache.batch_repeat_interleave(repeat)
             self.mask = self.mask.repeat_interleave(repeat, 0)
             self.logits = self.logits.repeat_interleave(repeat, 0)
             self.next_position = self.next_position.repeat_interleave(repeat, 0)
@@ -82,14 +102,18 @@ class _Decoder:
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B] -> next-token logits [B, V]."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
-        out = self.model(input_ids=ids[:, None], attention_mask=self.mask, position_ids=self.next_position,
-                         past_key_values=self.cache, use_cache=True)
+        with torch.inference_mode():
+            out = self.model(input_ids=ids[:, None], attention_mask=self.mask, position_ids=self.next_position,
+                             past_key_values=self.cache, use_cache=True,
+                             cache_position=torch.tensor([self.written], device=ids.device))
+        self.written += 1
         self.next_position = self.next_position + 1
         self.logits = out.logits[:, -1].float()
         return self.logits
 
     def reorder(self, rows: torch.Tensor) -> None:
-        self.cache.reorder_cache(rows)
+        with torch.inference_mode():
+            self.cache.reorder_cache(rows)
         self.mask = self.mask[rows]
         self.next_position = self.next_position[rows]
 
@@ -116,7 +140,7 @@ def stream_tokens(model, inputs_embeds: torch.Tensor, attention_mask: torch.Tens
     generator = None
     if cfg.do_sample and cfg.seed is not None:
         generator = torch.Generator(device=inputs_embeds.device).manual_seed(cfg.seed)
-    decoder = _Decoder(model, inputs_embeds, attention_mask)
+    decoder = _Decoder(model, inputs_embeds, attention_mask, max_length=inputs_embeds.shape[1] + cfg.max_new_tokens)
     logits = decoder.logits
     finished = torch.zeros(inputs_embeds.shape[0], dtype=torch.bool, device=inputs_embeds.device)
     for step in range(cfg.max_new_tokens):

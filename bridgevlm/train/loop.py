@@ -36,7 +36,7 @@ from bridgevlm.train.optim import (
     build_scheduler,
     describe_trainable,
 )
-from bridgevlm.train.sampler import ResumableSampler
+from bridgevlm.train.sampler import LengthGrouping, ResumableSampler
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,9 @@ class TrainConfig:
     save_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 2
     num_workers: int = 0
+    # Batch samples of similar length and one modality together (the dataset must offer
+    # `lengths()` and `modalities()`): less padding computed, same samples per epoch.
+    group_by_length: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
@@ -112,7 +115,8 @@ def train_stage(
     # Data: this rank's share of a (seed, epoch)-determined permutation.
     if len(dataset) == 0:
         raise ValueError("the dataset is empty; nothing to train on")
-    sampler = ResumableSampler(len(dataset), dist.rank, dist.world_size, seed=cfg.seed)
+    grouping = _length_grouping(dataset, cfg.batch_size * dist.world_size) if cfg.group_by_length else None
+    sampler = ResumableSampler(len(dataset), dist.rank, dist.world_size, seed=cfg.seed, grouping=grouping)
     if cfg.batch_size > sampler.share:
         raise ValueError(
             f"batch_size {cfg.batch_size} is larger than this rank's share of the dataset "
@@ -312,6 +316,13 @@ def _check_config(cfg: TrainConfig) -> None:
         )
     if cfg.precision not in ("fp32", "bf16"):
         raise ValueError(f"unknown precision {cfg.precision!r}; valid: fp32, bf16")
+
+
+def _length_grouping(dataset: Dataset, group_size: int) -> LengthGrouping:
+    if not (hasattr(dataset, "lengths") and hasattr(dataset, "modalities")):
+        raise ValueError(f"group_by_length needs a dataset with lengths() and modalities(); "
+                         f"{type(dataset).__name__} has not; set train.group_by_length=false")
+    return LengthGrouping(dataset.lengths(), dataset.modalities(), group_size)
 
 
 def seed_everything(seed: int) -> None:

@@ -2,10 +2,49 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import Sampler
+
+
+@dataclass
+class LengthGrouping:
+    """Order an epoch so that each optimiser step's samples have similar lengths and one modality
+    (LLaVA's `group_by_modality_length`): padding, and the compute spent on it, nearly vanish.
+
+    `group_size` is the samples of one step over all ranks (batch_size x world_size). The shuffled
+    epoch is cut into windows of `lookahead` groups per modality; each window is sorted by length
+    and cut into groups; the groups are then shuffled, so batches stay random in content and order.
+    """
+
+    lengths: Sequence[int]
+    modalities: Sequence[int]  # e.g. 1 for samples with images, 0 for text-only
+    group_size: int
+    lookahead: int = 16
+
+    def __post_init__(self):
+        if len(self.lengths) != len(self.modalities):
+            raise ValueError(f"{len(self.lengths)} lengths but {len(self.modalities)} modalities")
+        if self.group_size < 1 or self.lookahead < 1:
+            raise ValueError(f"group_size and lookahead must be >= 1, got {self.group_size}, {self.lookahead}")
+
+    def order(self, perm: list[int], generator: torch.Generator) -> list[int]:
+        """A reordering of `perm` (same indices, each once) in length-homogeneous groups."""
+        window = self.group_size * self.lookahead
+        groups, leftovers = [], []
+        for modality in sorted(set(self.modalities[i] for i in perm)):
+            members = [i for i in perm if self.modalities[i] == modality]
+            for start in range(0, len(members), window):
+                chunk = sorted(members[start:start + window], key=lambda i: -self.lengths[i])
+                for g in range(0, len(chunk), self.group_size):
+                    group = chunk[g:g + self.group_size]
+                    (groups if len(group) == self.group_size else leftovers).append(group)
+        shuffled = [groups[i] for i in torch.randperm(len(groups), generator=generator).tolist()]
+        # Partial groups (one per modality at most) go last, so every full step stays homogeneous.
+        tail = sorted((i for group in leftovers for i in group), key=lambda i: -self.lengths[i])
+        return [i for group in shuffled for i in group] + tail
 
 
 class ResumableSampler(Sampler[int]):
@@ -18,12 +57,16 @@ class ResumableSampler(Sampler[int]):
     `perm[k*B*W : (k+1)*B*W]` whatever `W` is: one process with batch 8 sees the same samples per
     step as two ranks with batch 4, which is what makes DDP equal to single-process training.
 
+    With a `LengthGrouping`, the permutation is reordered so each global batch holds samples of
+    similar length and one modality; the (seed, epoch) determinism and the rank split are unchanged.
+
     `set_start(n)` skips the first `n` indices of this rank's share (exact mid-epoch resume);
     `set_epoch` resets it to 0, so call `set_epoch` first.
     """
 
     def __init__(
-        self, length: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True
+        self, length: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True,
+        grouping: LengthGrouping | None = None,
     ):
         if length < 0:
             raise ValueError(f"length must be >= 0, got {length}")
@@ -34,6 +77,9 @@ class ResumableSampler(Sampler[int]):
         self.world_size = world_size
         self.seed = seed
         self.shuffle = shuffle
+        if grouping is not None and len(grouping.lengths) != length:
+            raise ValueError(f"grouping has {len(grouping.lengths)} lengths for a dataset of {length}")
+        self.grouping = grouping
         self.epoch = 0
         self.start = 0
 
@@ -56,6 +102,8 @@ class ResumableSampler(Sampler[int]):
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
             perm = torch.randperm(self.length, generator=generator).tolist()
+            if self.grouping is not None:
+                perm = self.grouping.order(perm, generator)
         else:
             perm = list(range(self.length))
         total = self.share * self.world_size

@@ -82,3 +82,18 @@ def test_collator_adds_hard_negatives_and_marks_missing_ones():
     assert batch["negative_attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
     plain = ImageCaptionCollator(processor, pad_token_id=0)([{"pixels": pixels, "text_ids": [1, 3]}])
     assert "negative_input_ids" not in plain
+
+
+def test_lengths_and_modalities_for_length_grouping(tokenizer):
+    template = get_template("vicuna_v1")
+    records = [
+        {"id": "short", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "yes"}]},
+        {"id": "long", "conversations": [{"from": "human", "value": "What colour is the large circle at the top?"},
+                                         {"from": "gpt", "value": "It is red, and it is drawn at the top left."}]},
+    ]
+    eager = ConversationDataset(records, tokenizer, template, 512, pretokenize=True)
+    assert eager.lengths() == [len(eager[0]["input_ids"]), len(eager[1]["input_ids"])]
+    lazy = ConversationDataset(records, tokenizer, template, 512)
+    estimate = lazy.lengths()
+    assert estimate[0] < estimate[1]  # estimated from characters: the order is what matters
+    assert lazy.modalities() == [0, 0]

@@ -90,14 +90,28 @@ def test_normalize_is_batched():
 
 
 @pytest.mark.parametrize("size_wh", [(640, 480), (97, 203), (96, 96), (300, 301)])
-def test_processor_matches_transformers_clip_image_processor(tmp_path, size_wh):
+def test_pil_resize_matches_transformers_clip_image_processor(tmp_path, size_wh):
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (size_wh[1], size_wh[0], 3), dtype=np.uint8))
-    ours = ImageProcessor(size=224)
+    ours = ImageProcessor(size=224, resize="pil")
     ours.save_pretrained(tmp_path)
     reference = CLIPImageProcessor.from_pretrained(tmp_path)(image, return_tensors="np")["pixel_values"][0]
     assert (ours(image) - torch.from_numpy(reference)).abs().max().item() < 1e-5
-    assert ImageProcessor.from_pretrained(tmp_path) == ours
+    assert ImageProcessor.from_pretrained(tmp_path) == ImageProcessor(size=224)
+
+
+@pytest.mark.parametrize("size_wh", [(640, 480), (97, 203), (300, 301)])
+def test_torch_resize_stays_within_a_grey_level_of_pil(size_wh):
+    # Photo-like content: smooth gradients with a hard edge (the wrap-around) and noise.
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:size_wh[1], 0:size_wh[0]]
+    smooth = np.stack([(x * 0.7 + y * 0.3) % 256, (y * 0.9) % 256, (x * 0.2 + 40) % 256], -1)
+    image = Image.fromarray(np.clip(smooth + rng.normal(0, 10, smooth.shape), 0, 255).astype(np.uint8))
+    pil = ImageProcessor(size=224, resize="pil").to_uint8(image).int()
+    fast = ImageProcessor(size=224, resize="torch").to_uint8(image).int()
+    difference = (pil - fast).abs()
+    assert difference.max() <= 2  # two levels only where bicubic overshoot is clamped at a hard edge
+    assert (difference > 1).float().mean() < 1e-4
 
 
 def test_pad_aspect_keeps_the_whole_image_on_a_mean_colour_square():
@@ -108,3 +122,5 @@ def test_pad_aspect_keeps_the_whole_image_on_a_mean_colour_square():
     assert pixels[:, 10, 0].tolist() == [255, 0, 0] and pixels[:, 10, 19].tolist() == [255, 0, 0]  # full width kept
     with pytest.raises(ValueError, match="valid: crop, pad"):
         ImageProcessor(aspect="stretch")
+    with pytest.raises(ValueError, match="valid: torch, pil"):
+        ImageProcessor(resize="cv2")

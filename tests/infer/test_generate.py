@@ -101,3 +101,21 @@ def test_stop_strings_cut_the_text(shipped):
 def test_bad_settings_are_named(bad, message):
     with pytest.raises(ValueError, match=message):
         GenerationConfig(**bad).check()
+
+
+def test_cpu_decoding_layout_keeps_outputs_and_saving(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bridgevlm.infer.layout import use_cpu_decoding_layout
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2)).eval()
+    ids = torch.randint(0, 40, (2, 7))
+    before = model(input_ids=ids).logits
+    assert use_cpu_decoding_layout(model) == 2 * 7 + 1  # q k v o gate up down per layer, and the head
+    assert not model.lm_head.weight.is_contiguous() and model.lm_head.weight.t().is_contiguous()
+    assert use_cpu_decoding_layout(model) == 0  # idempotent
+    torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, before, rtol=0, atol=1e-5)

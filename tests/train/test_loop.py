@@ -142,3 +142,44 @@ def test_eval_does_not_perturb_training(tmp_path):
                 tmp_path / "eval", eval_fn=eval_fn, progress=False)
     for name, value in _params(plain).items():
         assert torch.equal(_params(evaluated)[name], value), name
+
+
+class _Grouped(list):
+    """The toy data with the lengths/modalities interface: length = the sample's target count."""
+
+    def lengths(self):
+        return [int(s["mask"].sum()) for s in self]
+
+    def modalities(self):
+        return [0] * len(self)
+
+
+def test_group_by_length_batches_similar_samples_and_resumes_exactly(tmp_path):
+    seen = []
+
+    def recording_collate(samples):
+        seen.append(sorted(int(s["mask"].sum()) for s in samples))
+        return collate(samples)
+
+    data = _Grouped(toy_dataset(32))
+    kwargs = dict(batch_size=4, max_steps=8, group_by_length=True)
+    whole = ToyLM()
+    train_stage(whole, data, recording_collate, toy_config(**kwargs), tmp_path / "whole", progress=False)
+    assert sum(b[-1] - b[0] for b in seen) < sum(b[-1] - b[0] for b in _plain_batches(data, 4, 8))
+
+    train_stage(ToyLM(), data, collate, toy_config(**kwargs), tmp_path / "split", stop_after_steps=3, progress=False)
+    resumed = ToyLM(seed=5)
+    train_stage(resumed, data, collate, toy_config(**kwargs), tmp_path / "split", progress=False)
+    for name, value in _params(whole).items():
+        assert torch.equal(_params(resumed)[name], value), name
+
+    with pytest.raises(ValueError, match="group_by_length needs a dataset with lengths"):
+        train_stage(ToyLM(), toy_dataset(32), collate, toy_config(**kwargs), tmp_path / "plain", progress=False)
+
+
+def _plain_batches(data, batch_size, steps):
+    from bridgevlm.train.sampler import ResumableSampler
+    sampler = ResumableSampler(len(data), seed=0)
+    order = sampler.indices()
+    lengths = data.lengths()
+    return [sorted(lengths[i] for i in order[s * batch_size:(s + 1) * batch_size]) for s in range(steps)]
