@@ -22,7 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (IMAGE_SIZE, IMAGE_TOKENS, build_pair, check, figure, interleaved, llava_like_samples,  # noqa: E402
-                    machine, matmul_peak_flops, reference_config, setup, shapes_samples, supervised_tokens)
+                    machine, matmul_peak_flops, pad_samples, reference_config, setup, shapes_samples,
+                    supervised_tokens)
 
 from bridgevlm.data.templates import IGNORE_INDEX  # noqa: E402
 from bridgevlm.train.sampler import LengthGrouping, ResumableSampler  # noqa: E402
@@ -30,16 +31,9 @@ from bridgevlm.train.sampler import LengthGrouping, ResumableSampler  # noqa: E4
 
 def pad_batch(samples: list[dict], seed: int) -> dict:
     """Right-padded ids/labels/mask and one random image per image-bearing sample."""
-    width = max(len(s["input_ids"]) for s in samples)
-    ids = torch.zeros(len(samples), width, dtype=torch.long)
-    labels = torch.full_like(ids, IGNORE_INDEX)
-    mask = torch.zeros_like(ids)
-    for row, s in enumerate(samples):
-        n = len(s["input_ids"])
-        ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(s["input_ids"]), torch.tensor(s["labels"]), 1
+    batch = pad_samples(samples)
     images = sum(s["images"] for s in samples)
     generator = torch.Generator().manual_seed(seed)
-    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
     if images:
         batch["pixel_values"] = torch.randn(images, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
     return batch

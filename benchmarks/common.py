@@ -22,7 +22,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from bridgevlm.convert.llava import import_llava
 from bridgevlm.data.images import ImageProcessor
-from bridgevlm.data.shapes.families import FAMILIES, HELD_IN
+from bridgevlm.data.shapes.families import HELD_IN
 from bridgevlm.data.shapes.scene import sample_scene
 from bridgevlm.data.shapes.world import conversation
 from bridgevlm.data.templates import IGNORE_INDEX, ImagePlaceholder, get_template, tokenize_conversation
@@ -75,6 +75,7 @@ def build_pair(seed: int = 0, directory: str | Path | None = None, head_scale: f
     AutoTokenizer.from_pretrained(SHIPPED_TOKENIZER).save_pretrained(directory)
     ImageProcessor(size=IMAGE_SIZE).save_pretrained(directory)
     ours = import_llava(directory)
+    ours.model.eval()  # as the reference: dropout off (training benchmarks switch both to train mode)
     return Pair(reference, ours, directory)
 
 
@@ -120,6 +121,18 @@ def llava_like_samples(count: int, seed: int = 0, max_length: int = 1024) -> lis
             labels += answer
         samples.append({"input_ids": ids, "labels": labels, "images": int(has_image)})
     return samples
+
+
+def pad_samples(samples: list[dict]) -> dict:
+    """Right-padded input_ids / labels / attention_mask [B, T], as a training collator makes them."""
+    width = max(len(s["input_ids"]) for s in samples)
+    ids = torch.zeros(len(samples), width, dtype=torch.long)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    mask = torch.zeros_like(ids)
+    for row, s in enumerate(samples):
+        n = len(s["input_ids"])
+        ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(s["input_ids"]), torch.tensor(s["labels"]), 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 def supervised_tokens(samples: list[dict]) -> int:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .feature_cache import FeatureCache
 from .images import ImageProcessor, load_image
 from .templates import (
     IGNORE_INDEX,
@@ -28,6 +29,7 @@ class ImageSource:
     folder: Path  # record["image"] paths are relative to it (absolute paths are used as they are)
     processor: ImageProcessor
     placeholder: ImagePlaceholder
+    features: FeatureCache | None = None  # a filled cache of the frozen tower's features: read instead of pixels
 
 
 def record_images(record: dict) -> list[str]:
@@ -90,7 +92,9 @@ class ConversationDataset(Dataset):
         record = self.records[index]
         paths = record_images(record)
         sample = dict(sample, sample_id=record.get("id", index))
-        if paths:
+        if paths and self.images.features is not None:
+            sample["features"] = torch.stack([self.images.features.get(self.images.folder / p) for p in paths])
+        elif paths:
             name = f"{index} (id {record.get('id', '?')!r}) of {self.source}"
             pixels = [self.images.processor.to_uint8(load_image(self.images.folder / p, sample=name)) for p in paths]
             sample["pixels"] = torch.stack(pixels)
@@ -154,7 +158,8 @@ class PadCollator:
     """Right-pads a batch for training; labels are padded with IGNORE_INDEX.
 
     With a `processor`, the samples' images are concatenated in reading order and normalised in
-    one batched call as `pixel_values` [I, 3, H, W]; `sample_ids` lets errors name samples."""
+    one batched call as `pixel_values` [I, 3, H, W] (or, from a feature cache, concatenated as
+    `vision_features` [I, N, D]); `sample_ids` lets errors name samples."""
 
     pad_token_id: int
     processor: ImageProcessor | None = None
@@ -174,5 +179,8 @@ class PadCollator:
             pixels = [s["pixels"] for s in samples if "pixels" in s]
             if pixels:
                 batch["pixel_values"] = self.processor.normalize(torch.cat(pixels))
+            features = [s["features"] for s in samples if "features" in s]
+            if features:
+                batch["vision_features"] = torch.cat(features)
             batch["sample_ids"] = [s.get("sample_id", row) for row, s in enumerate(samples)]
         return batch

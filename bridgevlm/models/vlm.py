@@ -53,16 +53,19 @@ class VisionLanguageModel(nn.Module):
         return self.connector(self.vision(pixel_values))
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              sample_ids: list | None = None) -> torch.Tensor:
+              sample_ids: list | None = None, vision_features: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, T] with M placeholders per image, pixel_values [I, 3, H, W] in reading
-        order -> inputs_embeds [B, T, D]."""
+        order -> inputs_embeds [B, T, D]. `vision_features` [I, N, Dv] (the frozen tower's output,
+        from a feature cache) stand in for pixel_values."""
         is_image = input_ids == self.image_token_id  # [B, T]
-        num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        images = vision_features if vision_features is not None else pixel_values
+        num_images = 0 if images is None else images.shape[0]
         self._check_placeholders(is_image, num_images, sample_ids)
         # The placeholder id may lie outside the vocabulary (HF Llava's default): look up a valid id instead.
         embeds = self.llm.embed(input_ids.masked_fill(is_image, 0))
         if num_images:
-            visual = self.encode_images(pixel_values).to(embeds.dtype)  # [I, M, D]
+            visual = self.connector(vision_features) if vision_features is not None else self.encode_images(pixel_values)
+            visual = visual.to(embeds.dtype)  # [I, M, D]
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), visual.reshape(-1, visual.shape[-1]))
         return embeds
 
@@ -87,7 +90,9 @@ class VisionLanguageModel(nn.Module):
         return self.llm.model(inputs_embeds=embeds, attention_mask=attention_mask).logits
 
     def forward(self, batch: dict) -> LossOutput:
-        """batch: input_ids, attention_mask, labels [B, T]; pixel_values [I, 3, H, W] (optional)."""
-        embeds = self.embed(batch["input_ids"], batch.get("pixel_values"), batch.get("sample_ids"))
+        """batch: input_ids, attention_mask, labels [B, T]; pixel_values [I, 3, H, W] or
+        vision_features [I, N, Dv] (optional)."""
+        embeds = self.embed(batch["input_ids"], batch.get("pixel_values"), batch.get("sample_ids"),
+                            batch.get("vision_features"))
         hidden = self.llm.hidden_states(attention_mask=batch.get("attention_mask"), inputs_embeds=embeds)
         return supervised_lm_loss(hidden, batch["labels"], self.llm.model.get_output_embeddings())

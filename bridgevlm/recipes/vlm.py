@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import save_config, to_dict
-from ..data.conversations import ConversationDataset, ImageSource, PadCollator
+from ..data.conversations import ConversationDataset, ImageSource, PadCollator, record_images
+from ..data.feature_cache import FeatureCache
 from ..data.formats import read_conversations
 from ..data.templates import get_template
 from ..eval.vqa import evaluate_vqa_on_world
@@ -45,6 +46,9 @@ class Stage:
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: StageData = field(default_factory=StageData)
     gradient_checkpointing: bool = False
+    # Encode each image once with the frozen vision tower and read the features from a disk cache
+    # (<run>/feature_cache) in every epoch; needs trainable.vision: frozen.
+    cache_vision_features: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -104,7 +108,8 @@ def run_stage(loaded: LoadedVlm, stage: Stage, out: Path, progress: bool = True,
         model.llm.set_activation_checkpointing(True)
     template = get_template(stage.data.template or loaded.config.template, loaded.tokenizer)
     records = read_conversations(stage.data.path)
-    images = ImageSource(Path(stage.data.image_folder), loaded.processor, loaded.placeholder)
+    images = ImageSource(Path(stage.data.image_folder), loaded.processor, loaded.placeholder,
+                         _feature_cache(loaded, stage, records, out, progress, dist))
     dataset = ConversationDataset(records, loaded.tokenizer, template, stage.data.max_length, source=stage.data.path,
                                   pretokenize=stage.data.pretokenize, images=images)
     data_report = dataset.supervision_report()
@@ -122,6 +127,25 @@ def run_stage(loaded: LoadedVlm, stage: Stage, out: Path, progress: bool = True,
         save_vlm(loaded, out / "model")  # last: a complete model directory marks the stage as done
     barrier()
     return {**summary, "history": result.history}
+
+
+def _feature_cache(loaded: LoadedVlm, stage: Stage, records: list[dict], out: Path, progress: bool,
+                   dist: DistContext) -> FeatureCache | None:
+    """The stage's filled feature cache (rank 0 fills it, the others wait), or None when off."""
+    if not stage.cache_vision_features:
+        return None
+    if stage.trainable.vision != "frozen":
+        raise ValueError(f"stage {stage.name!r}: cache_vision_features needs trainable.vision: frozen "
+                         f"(it is {stage.trainable.vision!r}); cached features would go stale as the tower trains")
+    cache = FeatureCache.for_tower(out.parent / "feature_cache", loaded.model.vision, loaded.processor)
+    if dist.is_main:
+        folder = Path(stage.data.image_folder)
+        paths = sorted({str(folder / p) for record in records for p in record_images(record)})
+        encoded = cache.fill(paths, loaded.model.vision, loaded.processor, progress=progress)
+        logger.info("stage %s: %d image(s) encoded into the feature cache %s, %d already there", stage.name,
+                    encoded, cache.directory, len(paths) - encoded)
+    barrier()
+    return cache
 
 
 def _finished_stage(out: Path) -> dict:

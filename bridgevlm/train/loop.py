@@ -222,8 +222,10 @@ def train_stage(
             epoch, batch_in_epoch, data_iter = epoch + 1, 0, None
         meter.add_step(loss_sum, targets)
         bar.update(1)
+        # data_wait: the share of time spent waiting for batches; high means loading is the bottleneck
         bar.set_postfix(loss=f"{loss_sum / max(targets, 1.0):.4f}", lr=f"{lrs['lr']:.2e}",
-                        tgt_s=f"{meter.targets_per_s():.0f}", refresh=False)
+                        tgt_s=f"{meter.targets_per_s():.0f}", data_wait=f"{meter.data_wait_share():.0%}",
+                        refresh=False)
 
         if step % cfg.log_every == 0 or step == stop_step:
             record = {"step": step, "epoch": round(step / steps_per_epoch, 4), **meter.summary(),
@@ -288,6 +290,9 @@ class _Meter:
 
     def targets_per_s(self) -> float:
         return self.targets / max(time.perf_counter() - self.started, 1e-9)
+
+    def data_wait_share(self) -> float:
+        return self.data_wait_s / max(time.perf_counter() - self.started, 1e-9)
 
     def summary(self) -> dict[str, float]:
         seconds = time.perf_counter() - self.started

@@ -140,3 +140,21 @@ def test_two_rank_torchrun_trains_and_saves_once(vlm_parts, shapes_world, tmp_pa
         lines = (tmp_path / "run" / name / "metrics.jsonl").read_text().splitlines()
         assert len(lines) == 2  # rank 0 alone logs: one line per step
     assert load_vlm(tmp_path / "run/02_instruct/model").model.lora_parts
+
+
+def test_a_feature_cached_stage_trains_exactly_as_an_uncached_one(vlm_parts, shapes_world, tmp_path, single_thread):
+    weights = []
+    for cached in (False, True):
+        recipe = _only_first(vlm_parts, shapes_world)
+        recipe.stages[0].cache_vision_features = cached
+        run_vlm(recipe, tmp_path / str(cached), progress=False)
+        weights.append(load_file(tmp_path / str(cached) / "01_align/model/weights.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        assert (weights[0][name] - weights[1][name]).abs().max() <= 1e-6, name
+    assert list((tmp_path / "True/feature_cache").iterdir())
+    recipe = _only_first(vlm_parts, shapes_world)
+    recipe.stages[0].cache_vision_features = True
+    recipe.stages[0].trainable.vision = "full"
+    with pytest.raises(ValueError, match="cache_vision_features needs trainable.vision: frozen"):
+        run_vlm(recipe, tmp_path / "bad", progress=False)
