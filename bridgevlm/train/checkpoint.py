@@ -51,7 +51,7 @@ def save_checkpoint(
     ckpt_dir: str | Path,
     *,
     model_state: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer | None,
+    optimizer: torch.optim.Optimizer | dict | None,  # an optimizer, or its (consolidated) state dict
     scheduler: Any | None,
     train_state: dict,
     config: dict | None = None,
@@ -71,7 +71,7 @@ def save_checkpoint(
     save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, tmp / MODEL)
     _fsync(tmp / MODEL)
     if optimizer is not None:
-        tensors, meta = _flatten_optimizer(optimizer.state_dict())
+        tensors, meta = _flatten_optimizer(optimizer if isinstance(optimizer, dict) else optimizer.state_dict())
         save_file(tensors, tmp / OPTIMIZER_TENSORS)
         _fsync(tmp / OPTIMIZER_TENSORS)
         _write_json(tmp / OPTIMIZER_JSON, meta)

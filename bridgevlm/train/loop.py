@@ -37,6 +37,7 @@ from bridgevlm.train.optim import (
     describe_trainable,
 )
 from bridgevlm.train.sampler import LengthGrouping, ResumableSampler
+from bridgevlm.train.sharding import FsdpStage
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,9 @@ class TrainConfig:
     # Batch samples of similar length and one modality together (the dataset must offer
     # `lengths()` and `modalities()`): less padding computed, same samples per epoch.
     group_by_length: bool = False
+    # With several ranks (torchrun): "ddp" replicates the model; "fsdp" shards parameters,
+    # gradients and optimizer state with FSDP2 (per-layer units, bf16 compute with precision: bf16).
+    distributed: Literal["ddp", "fsdp"] = "ddp"
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
@@ -139,33 +143,40 @@ def train_stage(
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.schedule, total_steps)
-
-    # Load: resume everything from the latest checkpoint, if any.
+    # Load the weights of the latest checkpoint, if any, before anything is wrapped or sharded.
     layout = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
               "world_size": dist.world_size}
     step, epoch, batch_in_epoch = 0, 0, 0
     resume_from = latest_checkpoint(ckpt_root)
     if resume_from is not None:
-        model_state, saved = load_checkpoint(resume_from, optimizer, scheduler)
+        model_state, saved = load_checkpoint(resume_from, restore_rng=False)
         _check_same_layout(saved, layout, resume_from)
         _load_trainable(model, model_state, resume_from)
-        step, epoch, batch_in_epoch = saved["step"], saved["epoch"], saved["batch_in_epoch"]
-        if dist.is_main:
-            logger.info("resumed from %s at step %d (epoch %d, batch %d)",
-                        resume_from, step, epoch, batch_in_epoch)
 
-    # Wrap: DDP averages gradients over ranks on the last backward of each window.
-    ddp = dist.world_size > 1
-    train_model = model
+    # Wrap: DDP replicates and averages gradients on the last backward of each window; FSDP2
+    # shards parameters, gradients and optimizer state (and reduce-scatters the gradients).
+    fsdp = FsdpStage(model, mixed_precision=cfg.precision == "bf16") \
+        if dist.world_size > 1 and cfg.distributed == "fsdp" else None
+    ddp = dist.world_size > 1 and fsdp is None
+    train_model = fsdp.sharded if fsdp else model
     if ddp:
         device_ids = [device.index] if device.type == "cuda" else None
         train_model = DistributedDataParallel(
             model, device_ids=device_ids, find_unused_parameters=False
         )
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    trainable = [p for p in train_model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(fsdp.sharded if fsdp else model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.schedule, total_steps)
+    if resume_from is not None:  # optimizer, scheduler, RNG and the position in the data
+        load_checkpoint(resume_from, optimizer, scheduler)
+        if fsdp:
+            fsdp.shard_optimizer_state(optimizer)
+        step, epoch, batch_in_epoch = saved["step"], saved["epoch"], saved["batch_in_epoch"]
+        if dist.is_main:
+            logger.info("resumed from %s at step %d (epoch %d, batch %d)",
+                        resume_from, step, epoch, batch_in_epoch)
+    # Under FSDP the mixed-precision policy casts instead.
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16" and not fsdp)
 
     # Train.
     stop_step = total_steps if stop_after_steps is None else min(total_steps, stop_after_steps)
@@ -193,6 +204,8 @@ def train_stage(
             meter.data_wait_s += time.perf_counter() - waited
             batch = _to_device(batch, device)
             last = micro == window - 1
+            if fsdp:
+                fsdp.set_gradient_sync(last)
             with nullcontext() if last or not ddp else train_model.no_sync():
                 with autocast:
                     out: LossOutput = train_model(batch)
@@ -237,6 +250,8 @@ def train_stage(
 
         if eval_fn is not None and ((cfg.eval_every and step % cfg.eval_every == 0)
                                     or step == total_steps):
+            if fsdp:  # collective: the evaluated model needs its full weights
+                fsdp.gather_into_original()
             if dist.is_main:
                 results = _evaluate(eval_fn, model, step)
                 _log({"step": step, **{f"eval/{k}": v for k, v in results.items()}},
@@ -245,11 +260,15 @@ def train_stage(
 
         # Save: rank 0 writes; the others wait so nobody races ahead of a checkpoint.
         if step == stop_step or (cfg.save_every and step % cfg.save_every == 0):
+            # Consolidated under FSDP (a collective gather), so any world size can load it.
+            model_state = fsdp.full_parameters(trainable_only=True) if fsdp else \
+                {n: p for n, p in model.named_parameters() if p.requires_grad}
+            optimizer_state = fsdp.full_optimizer_state(optimizer) if fsdp else optimizer
             if dist.is_main:
                 save_checkpoint(
                     ckpt_root / f"step_{step:08d}",
-                    model_state={n: p for n, p in model.named_parameters() if p.requires_grad},
-                    optimizer=optimizer,
+                    model_state=model_state,
+                    optimizer=optimizer_state,
                     scheduler=scheduler,
                     train_state={"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                                  "total_steps": total_steps, "seed": cfg.seed, **layout},
@@ -259,6 +278,8 @@ def train_stage(
             barrier()
 
     bar.close()
+    if fsdp:  # collective: the caller's model gets the trained full weights back
+        fsdp.gather_into_original()
     train_lines = [r for r in history if "loss" in r]
     final_loss = train_lines[-1]["loss"] if train_lines else math.nan
     return TrainResult(steps=step, final_loss=final_loss, history=history, run_dir=run_dir)
@@ -319,6 +340,8 @@ def _check_config(cfg: TrainConfig) -> None:
             f"set TrainConfig.max_steps > 0 or epochs > 0 (got max_steps={cfg.max_steps}, "
             f"epochs={cfg.epochs})"
         )
+    if cfg.distributed not in ("ddp", "fsdp"):
+        raise ValueError(f"unknown distributed strategy {cfg.distributed!r}; valid: ddp, fsdp")
     if cfg.precision not in ("fp32", "bf16"):
         raise ValueError(f"unknown precision {cfg.precision!r}; valid: fp32, bf16")
 

@@ -112,7 +112,8 @@ def test_image_samples_longer_than_max_length_are_named(vlm_parts, shapes_world,
         run_vlm(recipe, tmp_path / "run", progress=False)
 
 
-def test_two_rank_torchrun_trains_and_saves_once(vlm_parts, shapes_world, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_rank_torchrun_trains_and_saves_once(vlm_parts, shapes_world, tmp_path, strategy):
     import os
     import socket
     import subprocess
@@ -124,6 +125,8 @@ def test_two_rank_torchrun_trains_and_saves_once(vlm_parts, shapes_world, tmp_pa
 
     recipe = _recipe(vlm_parts, shapes_world, steps=2)
     recipe.eval.world = ""
+    for stage in recipe.stages:
+        stage.train.distributed = strategy
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump({"task": "vlm", **to_dict(recipe)}))
     with socket.socket() as s:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from bridgevlm.train.checkpoint import load_checkpoint
 from bridgevlm.train.distributed import DistContext, all_reduce_sum, barrier, init_distributed
 from bridgevlm.train.loop import train_stage
 from toy import DDP_SETTINGS, ToyLM, collate, toy_config, toy_dataset
@@ -34,13 +35,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_ranks_equal_single_process(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_equal_single_process(tmp_path, strategy):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # gloo on the CPU
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-               str(WORKER), str(tmp_path / "ddp")]
+               str(WORKER), str(tmp_path / "ddp"), strategy]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ddp = load_file(tmp_path / "ddp" / "weights.safetensors")
@@ -57,3 +59,9 @@ def test_ddp_two_ranks_equal_single_process(tmp_path):
     ddp_lines = (tmp_path / "ddp" / "run" / "metrics.jsonl").read_text().splitlines()
     ddp_losses = [json.loads(line)["loss"] for line in ddp_lines]
     assert ddp_losses == pytest.approx([r["loss"] for r in result.history], rel=1e-5)
+    # The last checkpoint holds full (consolidated) tensors: any world size loads it, this process too.
+    last = tmp_path / "ddp" / "run" / "checkpoints" / f"step_{DDP_SETTINGS['max_steps']:08d}"
+    state, saved = load_checkpoint(last, restore_rng=False)
+    assert saved["world_size"] == 2
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(state[name], param.detach(), rtol=1e-5, atol=1e-6, msg=name)
