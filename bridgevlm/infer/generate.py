@@ -79,9 +79,8 @@ class _Decoder:
         if not model.training:  # a model used for inference on a CPU gets the faster decoding layout
             use_cpu_decoding_layout(model)
         width = inputs_embeds.shape[1]
-        self.static = max_length is not None and repeat == 1
         with torch.inference_mode():
-            if self.static:
+            if max_length is not None and repeat == 1:
                 self.cache = StaticCache(config=model.config, max_cache_len=max_length)
             else:
                 self.cache = DynamicCache(config=model.config)
