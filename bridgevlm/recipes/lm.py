@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -39,6 +40,11 @@ class LmRecipe:
     turns_per_scene: int = 12
     describe_probability: float = 0.35  # share of conversations that also ask for the scene's description
     describe_first: bool = False  # ask for it before the questions rather than after
+    # A curriculum stage's corpus: "compact" scene text and "canonical" phrasing make in-context
+    # look-ups short-range and the question form fixed, which is where a tiny LM first learns them;
+    # a later run (`pretrained:` this one) continues on the detailed, varied corpus.
+    scene_text: Literal["detailed", "compact"] = "detailed"
+    phrasing: Literal["varied", "canonical"] = "varied"
     # Language-model loss on every token (prompts included), not only on replies: predicting the
     # objects a question mentions trains the same look-up circuits that answering needs.
     supervise_all: bool = True
@@ -65,7 +71,8 @@ def run_lm(recipe: LmRecipe, run_dir: str | Path, progress: bool = True) -> dict
     if recipe.corpus is None and not corpus_path.is_file() and dist.is_main:
         records = text_conversations(recipe.corpus_seed, recipe.corpus_scenes, scene_keys(recipe.world),
                                      recipe.turns_per_scene, describe_probability=recipe.describe_probability,
-                                     describe_first=recipe.describe_first)
+                                     describe_first=recipe.describe_first, scene_text=recipe.scene_text,
+                                     phrasing=recipe.phrasing)
         write_json(corpus_path, records)
     barrier()  # the other ranks read the corpus rank 0 wrote
     records = read_conversations(corpus_path)

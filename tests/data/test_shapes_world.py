@@ -209,3 +209,27 @@ def test_writing_only_some_splits_gives_the_same_files(tmp_path):
     assert test_files and not any({"train", "val", "train.json", "val.json"} & set(p.parts) for p in test_files)
     for relative in test_files:
         assert (only_test / relative).read_bytes() == (full / relative).read_bytes(), relative
+
+
+def test_compact_canonical_corpus_for_the_first_curriculum_stage():
+    from bridgevlm.data.shapes.families import FAMILIES
+    from bridgevlm.data.shapes.scene import COLOURS, SHAPES
+
+    records = text_conversations(seed=3, num_scenes=30, exclude=set(), turns=4, describe_probability=0.0,
+                                 scene_text="compact", phrasing="canonical")
+    first_forms = {f.templates[0].split("{")[0] for f in FAMILIES.values()}
+    first_forms |= {f.follow_ups[i][0] for f in FAMILIES.values() for i in range(len(f.follow_ups))}
+    for record in records:
+        scene, question = record["conversations"][0]["value"].split("\n", 1)
+        words = scene.rstrip(".").replace(",", "").split()
+        assert "At" not in words and "There" not in words  # no sentence scaffolding
+        assert any(c in words for c in COLOURS) and any(s in words for s in SHAPES)
+        asked = [question] + [m["value"] for m in record["conversations"][2::2]]
+        for text in asked:  # every question starts as its family's first template does
+            assert any(text.startswith(form) for form in first_forms if form), text
+    varied = text_conversations(seed=3, num_scenes=30, exclude=set(), turns=4, describe_probability=0.0)
+    assert varied[0]["conversations"][0]["value"].startswith("There ")
+    with pytest.raises(ValueError, match="valid: detailed, compact"):
+        text_conversations(seed=3, num_scenes=1, exclude=set(), turns=1, scene_text="terse")
+    with pytest.raises(ValueError, match="valid: varied, canonical"):
+        text_conversations(seed=3, num_scenes=1, exclude=set(), turns=1, phrasing="odd")

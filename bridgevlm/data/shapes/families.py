@@ -6,6 +6,7 @@ returns None when the scene cannot support an unambiguous question of that famil
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
@@ -292,9 +293,16 @@ HELD_OUT = ("multiple_choice", "spatial", "comparison")
 assert set(HELD_IN) | set(HELD_OUT) == set(FAMILIES) and not set(HELD_IN) & set(HELD_OUT)
 
 
-def ask(family: str, scene: Scene, rng: np.random.Generator, tries: int = 4) -> Question | None:
-    """A question of `family` about `scene`, or None if the scene cannot support one."""
-    fam = FAMILIES[family]
+def canonical(fam: Family) -> Family:
+    """The family with only its first phrasing (first template, first follow-ups)."""
+    return dataclasses.replace(fam, templates=fam.templates[:1], follow_ups=tuple(f[:1] for f in fam.follow_ups))
+
+
+def ask(family: str, scene: Scene, rng: np.random.Generator, tries: int = 4,
+        phrasing: str = "varied") -> Question | None:
+    """A question of `family` about `scene`, or None if the scene cannot support one.
+    `phrasing="canonical"` always uses the family's first template."""
+    fam = FAMILIES[family] if phrasing == "varied" else canonical(FAMILIES[family])
     for _ in range(tries):
         question = fam.make(scene, rng, fam)
         if question is not None:

@@ -154,5 +154,15 @@ def detailed_caption(scene: Scene) -> str:
     return " ".join(sentences)
 
 
+def compact_caption(scene: Scene) -> str:
+    """'small red circle top left, large blue square center.': few words between an object's
+    attributes and the next object, so in-context look-ups are short-range (a first curriculum
+    stage for the language model; see LmRecipe.scene_text)."""
+    parts = [f"{o.size} {o.colour} {o.shape} {o.position}" for o in scene.objects]
+    if scene.text:
+        parts.append(f"{text_kind(scene.text.value)} {scene.text.value} {scene.text.position}")
+    return ", ".join(parts) + "."
+
+
 def text_kind(value: str) -> str:
     return "digit" if value.isdigit() else "word"

@@ -25,7 +25,7 @@ from ...io import write_json
 
 from .families import FAMILIES, HELD_IN, HELD_OUT, ask
 from .render import render_scene
-from .scene import COLOURS, SHAPES, Scene, detailed_caption, sample_scene, short_caption
+from .scene import COLOURS, SHAPES, Scene, compact_caption, detailed_caption, sample_scene, short_caption
 
 SPLITS = ("train", "val", "test")
 CAPTION_PROMPTS = (
@@ -72,12 +72,13 @@ def sample_scenes(cfg: WorldConfig) -> list[Scene]:
     return scenes
 
 
-def conversation(scene: Scene, rng: np.random.Generator, families, turns: int, context: str) -> list[dict]:
+def conversation(scene: Scene, rng: np.random.Generator, families, turns: int, context: str,
+                 phrasing: str = "varied") -> list[dict]:
     """A multi-turn conversation about one scene; `context` opens the first human turn
     ('<image>' for the vision-language model, the scene's text for the language model)."""
     messages: list[dict] = []
     while len(messages) < 2 * turns:
-        question = ask(families[rng.integers(len(families))], scene, rng)
+        question = ask(families[rng.integers(len(families))], scene, rng, phrasing=phrasing)
         if question is None:
             continue
         for q, a in question.turns:
@@ -107,13 +108,25 @@ def eval_items(scene: Scene, rng: np.random.Generator, image: str) -> dict[str, 
     return items
 
 
+SCENE_TEXTS = {"detailed": detailed_caption, "compact": compact_caption}
+
+
 def text_conversations(seed: int, num_scenes: int, exclude: set, turns: int, text_probability: float = 0.35,
-                       describe_probability: float = 0.2, describe_first: bool = False):
+                       describe_probability: float = 0.2, describe_first: bool = False,
+                       scene_text: str = "detailed", phrasing: str = "varied"):
     """Scenes-as-text conversations covering *every* family, held-out ones included, for
     pretraining the embedded language model. The scene's description opens the first user turn,
     where the image will stand later; some conversations also ask for the description itself, so
     the model learns to produce captions. Scenes in `exclude` (the world's val/test keys) are
-    never used, so text-QA evaluation on test scenes stays honest."""
+    never used, so text-QA evaluation on test scenes stays honest.
+
+    `scene_text="compact"` describes scenes tersely and `phrasing="canonical"` asks each family
+    in one fixed form: an easier first curriculum stage, where in-context look-ups are learnt."""
+    if scene_text not in SCENE_TEXTS:
+        raise ValueError(f"unknown scene_text {scene_text!r}; valid: {', '.join(SCENE_TEXTS)}")
+    if phrasing not in ("varied", "canonical"):
+        raise ValueError(f"unknown phrasing {phrasing!r}; valid: varied, canonical")
+    describe_scene = SCENE_TEXTS[scene_text]
     rng = np.random.default_rng([seed, 1])
     families = tuple(FAMILIES)
     records = []
@@ -121,10 +134,10 @@ def text_conversations(seed: int, num_scenes: int, exclude: set, turns: int, tex
         scene = sample_scene(rng, f"text_{len(records):07d}", "train", text_probability)
         if scene.key() in exclude:
             continue
-        messages = conversation(scene, rng, families, turns, detailed_caption(scene))
+        messages = conversation(scene, rng, families, turns, describe_scene(scene), phrasing)
         if rng.random() < describe_probability:
             prompt = CAPTION_PROMPTS[rng.integers(len(CAPTION_PROMPTS))]
-            describe = [{"from": "human", "value": prompt}, {"from": "gpt", "value": detailed_caption(scene)}]
+            describe = [{"from": "human", "value": prompt}, {"from": "gpt", "value": describe_scene(scene)}]
             if describe_first:  # right after the scene: a dense copying task that forms look-up heads early
                 describe[0]["value"] = messages[0]["value"].split("\n", 1)[0] + "\n" + prompt
                 messages[0]["value"] = messages[0]["value"].split("\n", 1)[1]
