@@ -93,7 +93,6 @@ def main(argv=None) -> list[dict]:
     pair = build_pair()
     ours = pair.ours
     processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-    ours.processor.aspect = "crop"  # the reference crops
     ref_opt = only_connector(pair.reference, "model.multi_modal_projector.")
     our_opt = only_connector(ours.model, "connector.")
 

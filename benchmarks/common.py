@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from bridgevlm.convert.llava import import_llava
 from bridgevlm.data.images import ImageProcessor
@@ -71,7 +71,6 @@ def build_pair(seed: int = 0, directory: str | Path | None = None, head_scale: f
         reference.lm_head.weight.mul_(head_scale)
     directory = Path(directory or tempfile.mkdtemp(prefix="bridgevlm_bench_"))
     reference.save_pretrained(directory)
-    from transformers import AutoTokenizer
     AutoTokenizer.from_pretrained(SHIPPED_TOKENIZER).save_pretrained(directory)
     ImageProcessor(size=IMAGE_SIZE).save_pretrained(directory)
     ours = import_llava(directory)
@@ -84,7 +83,6 @@ def build_pair(seed: int = 0, directory: str | Path | None = None, head_scale: f
 def shapes_samples(count: int, seed: int = 0, turns: tuple[int, int] = (1, 6)) -> list[dict]:
     """Stage-2 samples from the Shapes world: multi-turn conversations about one image, tokenised
     with the shipped tokenizer and vicuna_v1 (ids fall inside the 32000-token vocabulary)."""
-    from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(SHIPPED_TOKENIZER)
     template = get_template("vicuna_v1")
     placeholder = ImagePlaceholder(IMAGE_TOKEN_ID, IMAGE_TOKENS)

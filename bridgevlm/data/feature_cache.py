@@ -81,10 +81,12 @@ class FeatureCache:
         if missing:
             load_image(missing[0])  # raises the usual error naming the file
         self._keys.update(keys)
-        todo: dict[str, str] = {}
+        todo: dict[str, str] = {}  # one path per content hash not cached yet
+        queued: set[str] = set()
         for path, key in keys.items():
-            if key not in self.index and key not in todo.values():
+            if key not in self.index and key not in queued:
                 todo[path] = key
+                queued.add(key)
         if not todo:
             return 0
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -100,7 +102,7 @@ class FeatureCache:
                 chunk = items[start:start + batch_size]
                 pixels = processor.normalize(torch.stack([processor.to_uint8(load_image(p)) for p, _ in chunk]))
                 features = tower(pixels.to(device)).float().cpu().numpy()  # [B, N, D]
-                if not (self.directory / META).is_file():
+                if start == 0:
                     write_json(self.directory / META, {"tokens": features.shape[1], "dim": features.shape[2],
                                                        "dtype": "float32"})
                 out.seek(row * features[0].nbytes)
@@ -118,7 +120,9 @@ class FeatureCache:
 
     def get(self, path: str | Path) -> torch.Tensor:
         """Features [tokens, dim] of an image cached by `fill`."""
-        key = self._keys.get(str(path)) or content_hash(path)
+        key = self._keys.get(str(path))
+        if key is None:  # a process that did not fill the cache hashes each file once
+            key = self._keys[str(path)] = content_hash(path)
         row = self.index.get(key)
         if row is None:
             raise KeyError(f"{path} is not in the feature cache {self.directory}; fill the cache with it first")
