@@ -5,29 +5,40 @@ into the LLM's input embeddings; each one reports `num_tokens(N) -> M`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
 from .mlp import MlpConnector, mlp_depth
+from .qformer import QFormer, QFormerConfig, QFormerConnector
 
 
 @dataclass
 class ConnectorConfig:
-    kind: str = "mlp2x_gelu"  # linear | mlp{N}x_gelu
-    pool: int = 0  # average-pool the square patch grid to pool x pool tokens first; 0 keeps every patch
+    kind: str = "mlp2x_gelu"  # linear | mlp{N}x_gelu | qformer
+    pool: int = 0  # mlp kinds: average-pool the square patch grid to pool x pool tokens first; 0 keeps every patch
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)  # kind qformer: the Q-Former's sizes
 
 
 def _build_mlp(cfg: ConnectorConfig, vision_hidden: int, llm_hidden: int) -> nn.Module:
     return MlpConnector(vision_hidden, llm_hidden, depth=mlp_depth(cfg.kind), pool=cfg.pool)
 
 
+def _build_qformer(cfg: ConnectorConfig, vision_hidden: int, llm_hidden: int) -> nn.Module:
+    width = cfg.qformer.vision_width
+    if width is not None and width != vision_hidden:
+        raise ValueError(f"connector.qformer.vision_width is {width} but the vision tower's features are "
+                         f"{vision_hidden} wide; leave it unset to follow the tower")
+    return QFormerConnector(QFormer(replace(cfg.qformer, vision_width=vision_hidden)), llm_hidden)
+
+
 # family -> builder(cfg, vision_hidden, llm_hidden). The "mlp" family covers the kinds `linear` and
 # `mlp{N}x_gelu` (any depth N).
 CONNECTORS = {
     "mlp": _build_mlp,
+    "qformer": _build_qformer,
 }
-KINDS = ("linear", "mlp{N}x_gelu")
+KINDS = ("linear", "mlp{N}x_gelu", "qformer")
 
 
 def _family(kind: str) -> str:
@@ -42,4 +53,5 @@ def build_connector(cfg: ConnectorConfig, vision_hidden: int, llm_hidden: int) -
     return builder(cfg, vision_hidden, llm_hidden)
 
 
-__all__ = ["CONNECTORS", "ConnectorConfig", "MlpConnector", "build_connector"]
+__all__ = ["CONNECTORS", "ConnectorConfig", "MlpConnector", "QFormer", "QFormerConfig", "QFormerConnector",
+           "build_connector"]
