@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..data.shapes.scene import Scene
+from ..data.shapes.world import SCENE_TEXTS
 from ..data.templates import ConversationTemplate, tokenize_conversation
 from ..infer.generate import left_pad
 from ..models.llm import LanguageModel
@@ -43,11 +45,21 @@ def greedy_answers(model, tokenizer, template: ConversationTemplate, prompts: li
     return answers
 
 
+def scene_descriptions(world_dir: str | Path, split: str, scene_text: str = "detailed") -> dict[str, str]:
+    """Scene id -> its text in the form `scene_text` names ("detailed": the world's own caption)."""
+    if scene_text not in SCENE_TEXTS:
+        raise ValueError(f"unknown scene_text {scene_text!r}; valid: {', '.join(SCENE_TEXTS)}")
+    records = json.loads((Path(world_dir) / "scenes" / f"{split}.json").read_text(encoding="utf-8"))
+    return {r["id"]: SCENE_TEXTS[scene_text](Scene.from_json(r)) for r in records}
+
+
 def evaluate_text_qa(model, tokenizer, template: ConversationTemplate, world_dir: str | Path, split: str = "test",
-                     families: list[str] | None = None, limit_per_family: int | None = None) -> dict:
-    """Accuracy per family ({'text_qa.<family>': acc, 'text_qa_accuracy': mean over families})."""
+                     families: list[str] | None = None, limit_per_family: int | None = None,
+                     scene_text: str = "detailed") -> dict:
+    """Accuracy per family ({'text_qa.<family>': acc, 'text_qa_accuracy': mean over families}),
+    each question opened by its scene's text in the form `scene_text` names."""
     world_dir = Path(world_dir)
-    scenes = {r["id"]: r for r in json.loads((world_dir / "scenes" / f"{split}.json").read_text(encoding="utf-8"))}
+    scenes = scene_descriptions(world_dir, split, scene_text)
     families = families or json.loads((world_dir / "world.json").read_text(encoding="utf-8"))["families"].keys()
     results = {}
     for family in families:
@@ -55,7 +67,7 @@ def evaluate_text_qa(model, tokenizer, template: ConversationTemplate, world_dir
         items = items[:limit_per_family] if limit_per_family else items
         if not items:  # a tiny world may have no question of this family
             continue
-        prompts = [prompt_messages(scenes[it["scene_id"]]["detailed_caption"], it) for it in items]
+        prompts = [prompt_messages(scenes[it["scene_id"]], it) for it in items]
         predictions = greedy_answers(model, tokenizer, template, prompts)
         results[f"text_qa.{family}"] = mean(exact_match(p, it["answer"]) for p, it in zip(predictions, items))
     results["text_qa_accuracy"] = mean(v for k, v in results.items())

@@ -6,8 +6,10 @@ given as text, before any image is involved.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import shutil
 from dataclasses import dataclass, field
 from typing import Literal
 from pathlib import Path
@@ -17,14 +19,33 @@ from transformers import AutoTokenizer
 
 from ..config import save_config, to_dict
 from ..data.formats import read_conversations
+from ..data.shapes.scene import MAX_OBJECTS
 from ..data.shapes.world import scene_keys, text_conversations
 from ..data.templates import IGNORE_INDEX, get_template, tokenize_conversation
 from ..data.conversations import ConversationDataset, PadCollator
-from ..eval.text_qa import evaluate_text_qa, prompt_messages
+from ..eval.text_qa import evaluate_text_qa, prompt_messages, scene_descriptions
 from ..io import write_json
 from ..models.llm import LanguageModel, TinyLlamaConfig, build_tiny_llama
 from ..train.distributed import barrier, init_distributed
 from ..train.loop import TrainConfig, seed_everything, train_stage
+
+
+@dataclass
+class LmPhase:
+    """One phase of a language-model curriculum: a corpus and a step count; every field left None
+    keeps the recipe's own value. Each phase continues from the weights the previous one ended with."""
+    name: str
+    max_steps: int
+    scene_text: Literal["detailed", "compact"] | None = None
+    phrasing: Literal["varied", "canonical"] | None = None
+    families: list[str] | None = None  # question families of this phase's corpus (None: all)
+    max_objects: int | None = None  # objects per scene at most (None: the world's full range)
+    turns_per_scene: int | None = None
+    corpus_scenes: int | None = None
+    describe_probability: float | None = None
+    supervise_all: bool | None = None
+    batch_size: int | None = None
+    lr: float | None = None
 
 
 @dataclass
@@ -45,6 +66,8 @@ class LmRecipe:
     # a later run (`pretrained:` this one) continues on the detailed, varied corpus.
     scene_text: Literal["detailed", "compact"] = "detailed"
     phrasing: Literal["varied", "canonical"] = "varied"
+    families: list[str] | None = None  # question families of the corpus (None: all)
+    max_objects: int = MAX_OBJECTS
     # Language-model loss on every token (prompts included), not only on replies: predicting the
     # objects a question mentions trains the same look-up circuits that answering needs.
     supervise_all: bool = True
@@ -53,13 +76,32 @@ class LmRecipe:
     eval_split: str = "val"
     eval_limit_per_family: int = 100
     train: TrainConfig = field(default_factory=TrainConfig)
+    # Phases run in order, each from the weights the previous one ended with (the first from
+    # `pretrained` or a fresh `model`); empty: one run on the corpus above.
+    curriculum: list[LmPhase] = field(default_factory=list)
+
+
+def phase_recipe(recipe: LmRecipe, phase: LmPhase, index: int, pretrained: str | None) -> LmRecipe:
+    """The single-run recipe of curriculum phase `phase` (its corpus drawn with its own seed)."""
+    corpus = {name: getattr(phase, name) for name in ("scene_text", "phrasing", "families", "max_objects",
+                                                        "turns_per_scene", "corpus_scenes", "describe_probability",
+                                                        "supervise_all") if getattr(phase, name) is not None}
+    train = dataclasses.replace(recipe.train, max_steps=phase.max_steps, batch_size=phase.batch_size or recipe.train.batch_size,
+                                optim=dataclasses.replace(recipe.train.optim, lr=phase.lr or recipe.train.optim.lr))
+    return dataclasses.replace(recipe, **corpus, corpus_seed=recipe.corpus_seed + index, pretrained=pretrained,
+                               train=train, curriculum=[])
 
 
 def run_lm(recipe: LmRecipe, run_dir: str | Path, progress: bool = True) -> dict:
-    """Train, evaluate text QA on `eval_split`, save a `transformers`-loadable model to run_dir/model."""
+    """Train, evaluate text QA on `eval_split`, save a `transformers`-loadable model to run_dir/model.
+
+    A curriculum runs each phase in run_dir/phases/<name> (a finished phase is not run again;
+    an interrupted one resumes from its checkpoints) and ends with the last phase's model."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(to_dict(recipe), run_dir / "config.yaml")
+    if recipe.curriculum:
+        return _run_curriculum(recipe, run_dir, progress)
     tokenizer = AutoTokenizer.from_pretrained(recipe.tokenizer)
     template = get_template(recipe.template, tokenizer)
     seed_everything(recipe.train.seed)  # before building: initial weights depend on it
@@ -72,7 +114,7 @@ def run_lm(recipe: LmRecipe, run_dir: str | Path, progress: bool = True) -> dict
         records = text_conversations(recipe.corpus_seed, recipe.corpus_scenes, scene_keys(recipe.world),
                                      recipe.turns_per_scene, describe_probability=recipe.describe_probability,
                                      describe_first=recipe.describe_first, scene_text=recipe.scene_text,
-                                     phrasing=recipe.phrasing)
+                                     phrasing=recipe.phrasing, families=recipe.families, max_objects=recipe.max_objects)
         write_json(corpus_path, records)
     barrier()  # the other ranks read the corpus rank 0 wrote
     records = read_conversations(corpus_path)
@@ -81,7 +123,7 @@ def run_lm(recipe: LmRecipe, run_dir: str | Path, progress: bool = True) -> dict
 
     def evaluate(lm, step):
         return evaluate_text_qa(lm, tokenizer, template, recipe.world, recipe.eval_split,
-                                limit_per_family=recipe.eval_limit_per_family)
+                                limit_per_family=recipe.eval_limit_per_family, scene_text=recipe.scene_text)
 
     result = train_stage(model, dataset, PadCollator(tokenizer.pad_token_id), recipe.train, run_dir,
                          eval_fn=evaluate, dist=dist, config_to_save=to_dict(recipe), progress=progress)
@@ -89,16 +131,40 @@ def run_lm(recipe: LmRecipe, run_dir: str | Path, progress: bool = True) -> dict
         return {"metrics": {}, "steps": result.steps, "history": result.history}
     model.model.save_pretrained(run_dir / "model")
     tokenizer.save_pretrained(run_dir / "model")
-    metrics = evaluate_lm(model, tokenizer, template, recipe.world, recipe.eval_split)
+    # scored on the scene text this run trained on: a compact first phase is judged on compact text
+    metrics = evaluate_lm(model, tokenizer, template, recipe.world, recipe.eval_split, scene_text=recipe.scene_text)
     write_json(run_dir / "metrics.json", metrics)
     return {"metrics": metrics, "steps": result.steps, "history": result.history}
 
 
+def _run_curriculum(recipe: LmRecipe, run_dir: Path, progress: bool) -> dict:
+    names = [phase.name for phase in recipe.curriculum]
+    if len(set(names)) != len(names):
+        raise ValueError(f"curriculum phase names must be distinct, got {names}")
+    pretrained, steps, history, result = recipe.pretrained, 0, [], {}
+    for index, phase in enumerate(recipe.curriculum):
+        phase_dir = run_dir / "phases" / phase.name
+        if (phase_dir / "metrics.json").is_file() and (phase_dir / "model").is_dir():
+            result = {"metrics": json.loads((phase_dir / "metrics.json").read_text(encoding="utf-8")),
+                      "steps": phase.max_steps, "history": []}
+        else:
+            result = run_lm(phase_recipe(recipe, phase, index, pretrained), phase_dir, progress)
+        pretrained, steps, history = str(phase_dir / "model"), steps + result["steps"], history + result["history"]
+    if not init_distributed().is_main:
+        return {"metrics": {}, "steps": steps, "history": history}
+    if (run_dir / "model").exists():
+        shutil.rmtree(run_dir / "model")
+    shutil.copytree(pretrained, run_dir / "model")
+    write_json(run_dir / "metrics.json", result["metrics"])
+    return {"metrics": result["metrics"], "steps": steps, "history": history}
+
+
 def evaluate_lm(model: LanguageModel, tokenizer, template, world: str | Path, split: str = "test",
-                limit_per_family: int | None = None) -> dict:
+                limit_per_family: int | None = None, scene_text: str = "detailed") -> dict:
     """Text-QA accuracy per family and answer-token perplexity on the split's questions."""
-    metrics = evaluate_text_qa(model, tokenizer, template, world, split, limit_per_family=limit_per_family)
-    metrics["perplexity"] = answer_perplexity(model, tokenizer, template, world, split, limit_per_family)
+    metrics = evaluate_text_qa(model, tokenizer, template, world, split, limit_per_family=limit_per_family,
+                               scene_text=scene_text)
+    metrics["perplexity"] = answer_perplexity(model, tokenizer, template, world, split, limit_per_family, scene_text=scene_text)
     return metrics
 
 
@@ -112,17 +178,17 @@ def _final_answer_only(tokenizer, template, messages: list[dict]) -> dict:
 
 @torch.no_grad()
 def answer_perplexity(model: LanguageModel, tokenizer, template, world: str | Path, split: str,
-                      limit_per_family: int | None = None, batch_size: int = 64) -> float:
+                      limit_per_family: int | None = None, batch_size: int = 64, scene_text: str = "detailed") -> float:
     """exp(mean NLL) of the reference answers (and their EOS) given scene text and question, on
     held-out scenes: the supervised tokens are exactly the ones the model was trained to produce."""
     world = Path(world)
-    scenes = {r["id"]: r for r in json.loads((world / "scenes" / f"{split}.json").read_text(encoding="utf-8"))}
+    scenes = scene_descriptions(world, split, scene_text)
     families = json.loads((world / "world.json").read_text(encoding="utf-8"))["families"]
     records = []
     for family in families:
         items = json.loads((world / "eval" / split / f"{family}.json").read_text(encoding="utf-8"))
         for item in items[:limit_per_family] if limit_per_family else items:
-            messages = prompt_messages(scenes[item["scene_id"]]["detailed_caption"], item)
+            messages = prompt_messages(scenes[item["scene_id"]], item)
             records.append({"conversations": messages + [{"from": "gpt", "value": item["answer"]}]})
     samples = [_final_answer_only(tokenizer, template, r["conversations"]) for r in records]
     collate = PadCollator(tokenizer.pad_token_id)

@@ -233,3 +233,24 @@ def test_compact_canonical_corpus_for_the_first_curriculum_stage():
         text_conversations(seed=3, num_scenes=1, exclude=set(), turns=1, scene_text="terse")
     with pytest.raises(ValueError, match="valid: varied, canonical"):
         text_conversations(seed=3, num_scenes=1, exclude=set(), turns=1, phrasing="odd")
+
+
+def test_corpus_restricted_to_families_and_fewer_objects():
+    from bridgevlm.data.shapes.scene import MAX_OBJECTS
+
+    records = text_conversations(seed=3, num_scenes=200, exclude=set(), turns=2, describe_probability=0.0,
+                                 scene_text="compact", phrasing="canonical", families=["colour"], max_objects=2)
+    counts = []
+    for record in records:
+        scene = record["conversations"][0]["value"].split("\n")[0]
+        counts.append(sum(part.startswith(("small ", "large ")) for part in scene.rstrip(".").split(", ")))
+        assert all(m["value"].split("\n")[-1].startswith("What colour is") for m in record["conversations"][::2])
+    assert set(counts) == {1, 2}  # both counts drawn, never more
+    full = text_conversations(seed=3, num_scenes=200, exclude=set(), turns=1, describe_probability=0.0,
+                              scene_text="compact")
+    assert max(sum(p.startswith(("small ", "large ")) for p in r["conversations"][0]["value"].split("\n")[0].split(", "))
+               for r in full) == MAX_OBJECTS
+    with pytest.raises(ValueError, match="unknown question families \\['colours'\\]"):
+        text_conversations(seed=3, num_scenes=1, exclude=set(), turns=1, families=["colours"])
+    with pytest.raises(ValueError, match="max_objects must be between 1 and 4"):
+        text_conversations(seed=3, num_scenes=1, exclude=set(), turns=1, max_objects=5)

@@ -146,3 +146,17 @@ def test_families_argument_limits_the_evaluation(monkeypatch, shapes_world):
     # the fake's queue is in world.json order; colour and shape come first there
     metrics = evaluate_text_qa(None, None, TEMPLATE, shapes_world, "test", families=["colour", "shape"])
     assert metrics == {"text_qa.colour": 1.0, "text_qa.shape": 1.0, "text_qa_accuracy": 1.0}
+
+
+def test_scene_descriptions_detailed_is_the_worlds_caption_and_compact_is_terse(shapes_world):
+    from bridgevlm.data.shapes.scene import Scene, compact_caption
+    from bridgevlm.eval.text_qa import scene_descriptions
+
+    records = json.loads((shapes_world / "scenes" / "val.json").read_text())
+    detailed = scene_descriptions(shapes_world, "val")
+    compact = scene_descriptions(shapes_world, "val", "compact")
+    assert detailed == {r["id"]: r["detailed_caption"] for r in records}
+    assert compact == {r["id"]: compact_caption(Scene.from_json(r)) for r in records}
+    assert all(len(compact[k]) < len(detailed[k]) for k in detailed)
+    with pytest.raises(ValueError, match="valid: detailed, compact"):
+        scene_descriptions(shapes_world, "val", "short")

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import bridgevlm.data.shapes.world as world_module
@@ -13,7 +14,7 @@ from bridgevlm.data.shapes.world import scene_keys
 from bridgevlm.data.templates import get_template, tokenize_conversation
 from bridgevlm.eval.text_qa import prompt_messages
 from bridgevlm.models.llm import LanguageModel
-from bridgevlm.recipes.lm import answer_perplexity, run_lm
+from bridgevlm.recipes.lm import LmPhase, answer_perplexity, run_lm
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -33,8 +34,8 @@ def lm_run(shapes_world, world_tokenizer_dir, tiny, tmp_path_factory):
     original = world_module.sample_scene
     sampled = []  # every scene the corpus generator drew, injected ones included
 
-    def sample_scene(rng, scene_id, split, text_probability):
-        scene = original(rng, scene_id, split, text_probability)
+    def sample_scene(rng, scene_id, split, text_probability, *args):
+        scene = original(rng, scene_id, split, text_probability, *args)
         if len(sampled) in INJECT_AT:
             twin = held_out[len(sampled)]
             scene = dataclasses.replace(twin, id=scene.id, split=split)
@@ -116,6 +117,43 @@ def test_rerun_resumes_without_redoing_steps(lm_run, tiny, shapes_world, world_t
     assert extended["steps"] == STEPS + 2
     assert [h["step"] for h in extended["history"] if "loss" in h] == [STEPS + 1, STEPS + 2]
     assert [line["step"] for line in _lines(run_dir) if "loss" in line] == list(range(1, STEPS + 3))
+
+
+def test_curriculum_chains_phases_and_resumes(tiny, shapes_world, world_tokenizer_dir, tmp_path):
+    recipe = tiny.lm(shapes_world, world_tokenizer_dir, max_steps=99)
+    recipe.curriculum = [
+        LmPhase(name="lookup", max_steps=2, scene_text="compact", phrasing="canonical", families=["colour", "shape"],
+                max_objects=2, turns_per_scene=1, describe_probability=0.0, batch_size=3),
+        LmPhase(name="full", max_steps=3),
+    ]
+    result = run_lm(recipe, tmp_path, progress=False)
+    assert result["steps"] == 5
+    assert [h["step"] for h in result["history"] if "loss" in h] == [1, 2, 1, 2, 3]
+
+    first = json.loads((tmp_path / "phases" / "lookup" / "corpus.json").read_text())
+    for record in first:
+        turns = record["conversations"]
+        assert len(turns) == 2  # one question per scene
+        scene_text, question = turns[0]["value"].split("\n", 1)
+        objects = [part for part in scene_text.rstrip(".").split(", ") if part.startswith(("small ", "large "))]
+        assert 1 <= len(objects) <= 2 and "At the" not in scene_text  # compact text, two objects at most
+        assert question.startswith(("What colour is", "What shape is"))
+    second = json.loads((tmp_path / "phases" / "full" / "corpus.json").read_text())
+    assert len(second) == recipe.corpus_scenes and second[0]["id"] == first[0]["id"]  # same ids, other draw
+    assert second[0]["conversations"] != first[0]["conversations"]
+
+    # each phase starts from the one before: the second run's config names the first one's model
+    config = yaml.safe_load((tmp_path / "phases" / "full" / "config.yaml").read_text())
+    assert config["pretrained"] == str(tmp_path / "phases" / "lookup" / "model")
+    assert config["train"]["max_steps"] == 3 and config["corpus_seed"] == recipe.corpus_seed + 1
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    last = AutoModelForCausalLM.from_pretrained(tmp_path / "phases" / "full" / "model")
+    for (name, a), (_, b) in zip(final.state_dict().items(), last.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert json.loads((tmp_path / "metrics.json").read_text()) == result["metrics"]
+
+    again = run_lm(recipe, tmp_path, progress=False)  # finished phases are not run again
+    assert again["steps"] == 5 and again["history"] == []
 
 
 # --------------------------------------------------------------------------------------------

@@ -95,9 +95,17 @@ class Scene:
         )
 
 
-def sample_scene(rng: np.random.Generator, scene_id: str, split: str, text_probability: float) -> Scene:
-    """Draw 1–4 objects in distinct grid cells, and maybe a rendered word or digit in another."""
-    count = int(rng.choice(np.arange(MIN_OBJECTS, MAX_OBJECTS + 1), p=OBJECT_COUNT_WEIGHTS))
+def sample_scene(rng: np.random.Generator, scene_id: str, split: str, text_probability: float,
+                 max_objects: int = MAX_OBJECTS) -> Scene:
+    """Draw 1–4 objects in distinct grid cells, and maybe a rendered word or digit in another.
+    `max_objects` caps the count for a language-model curriculum (fewer distractors first); the
+    world's own scenes always use the full range."""
+    if not MIN_OBJECTS <= max_objects <= MAX_OBJECTS:
+        raise ValueError(f"max_objects must be between {MIN_OBJECTS} and {MAX_OBJECTS}, got {max_objects}")
+    weights = np.asarray(OBJECT_COUNT_WEIGHTS[:max_objects - MIN_OBJECTS + 1], dtype=float)
+    if max_objects < MAX_OBJECTS:
+        weights /= weights.sum()
+    count = int(rng.choice(np.arange(MIN_OBJECTS, max_objects + 1), p=weights))
     has_text = rng.random() < text_probability
     cells = rng.permutation(9)[: count + int(has_text)]
     objects = [

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -25,7 +26,7 @@ from ...io import write_json
 
 from .families import FAMILIES, HELD_IN, HELD_OUT, ask
 from .render import render_scene
-from .scene import COLOURS, SHAPES, Scene, compact_caption, detailed_caption, sample_scene, short_caption
+from .scene import MAX_OBJECTS, COLOURS, SHAPES, Scene, compact_caption, detailed_caption, sample_scene, short_caption
 
 SPLITS = ("train", "val", "test")
 CAPTION_PROMPTS = (
@@ -113,7 +114,8 @@ SCENE_TEXTS = {"detailed": detailed_caption, "compact": compact_caption}
 
 def text_conversations(seed: int, num_scenes: int, exclude: set, turns: int, text_probability: float = 0.35,
                        describe_probability: float = 0.2, describe_first: bool = False,
-                       scene_text: str = "detailed", phrasing: str = "varied"):
+                       scene_text: str = "detailed", phrasing: str = "varied", families: Sequence[str] | None = None,
+                       max_objects: int = MAX_OBJECTS):
     """Scenes-as-text conversations covering *every* family, held-out ones included, for
     pretraining the embedded language model. The scene's description opens the first user turn,
     where the image will stand later; some conversations also ask for the description itself, so
@@ -121,17 +123,22 @@ def text_conversations(seed: int, num_scenes: int, exclude: set, turns: int, tex
     never used, so text-QA evaluation on test scenes stays honest.
 
     `scene_text="compact"` describes scenes tersely and `phrasing="canonical"` asks each family
-    in one fixed form: an easier first curriculum stage, where in-context look-ups are learnt."""
+    in one fixed form: an easier first curriculum stage, where in-context look-ups are learnt.
+    `families` restricts the questions to those families (default: all) and `max_objects` caps the
+    objects per scene: fewer distractors make a first look-up easier to learn."""
     if scene_text not in SCENE_TEXTS:
         raise ValueError(f"unknown scene_text {scene_text!r}; valid: {', '.join(SCENE_TEXTS)}")
     if phrasing not in ("varied", "canonical"):
         raise ValueError(f"unknown phrasing {phrasing!r}; valid: varied, canonical")
     describe_scene = SCENE_TEXTS[scene_text]
     rng = np.random.default_rng([seed, 1])
-    families = tuple(FAMILIES)
+    families = tuple(families or FAMILIES)
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown question families {unknown}; valid: {', '.join(FAMILIES)}")
     records = []
     while len(records) < num_scenes:
-        scene = sample_scene(rng, f"text_{len(records):07d}", "train", text_probability)
+        scene = sample_scene(rng, f"text_{len(records):07d}", "train", text_probability, max_objects)
         if scene.key() in exclude:
             continue
         messages = conversation(scene, rng, families, turns, describe_scene(scene), phrasing)
