@@ -51,6 +51,7 @@ class LoadedVlm:
     tokenizer: object
     processor: ImageProcessor
     config: VlmConfig
+    qformer_tokenizer: object | None = None  # the connector's own tokenizer for qformer_input_ids (InstructBLIP)
 
     @property
     def placeholder(self) -> ImagePlaceholder:
@@ -78,7 +79,7 @@ def image_token_id(tokenizer) -> int:
 def build_vlm(cfg: VlmConfig, base_dir: str | Path | None = None, trust_remote_code: bool = False) -> LoadedVlm:
     """Load the pretrained vision tower and LLM `cfg` names and a freshly initialised connector.
     Relative paths are looked up under `base_dir` first (a saved model's own directory)."""
-    vision_cfg = VisionTowerConfig(_resolve(cfg.vision.path, base_dir), cfg.vision.feature_layer, cfg.vision.select)
+    vision_cfg = replace(cfg.vision, path=_resolve(cfg.vision.path, base_dir))
     vision = VisionTower.from_pretrained(vision_cfg, trust_remote_code=trust_remote_code)
     llm_path = _resolve(cfg.llm, base_dir)
     if not llm_path:

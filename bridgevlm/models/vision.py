@@ -1,4 +1,5 @@
-"""VisionTower: any Hugging Face vision encoder, with the feature layer and token selection LLaVA uses."""
+"""VisionTower: any Hugging Face vision encoder, with the feature layer and token selection LLaVA uses
+(or, with `post_norm`, the normalised last layer BLIP-2 feeds its Q-Former)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,7 +8,8 @@ from typing import Literal
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, CLIPVisionModel, SiglipVisionModel
+from transformers import (AutoConfig, AutoModel, Blip2VisionModel, CLIPVisionModel, InstructBlipVisionModel,
+                          SiglipVisionModel)
 from transformers.utils import logging as hf_logging
 
 # Full dual-encoder checkpoints (CLIP, SigLIP) load only their vision half; a bare vision model loads as is.
@@ -16,8 +18,11 @@ _VISION_CLASSES = {
     "clip_vision_model": CLIPVisionModel,
     "siglip": SiglipVisionModel,
     "siglip_vision_model": SiglipVisionModel,
+    # AutoModel does not know these (they exist only inside BLIP-2 / InstructBLIP checkpoints).
+    "blip_2_vision_model": Blip2VisionModel,
+    "instructblip_vision_model": InstructBlipVisionModel,
 }
-_WITH_CLS_TOKEN = ("clip", "clip_vision_model")
+_WITH_CLS_TOKEN = ("clip", "clip_vision_model", "blip_2_vision_model", "instructblip_vision_model")
 
 
 @dataclass
@@ -25,18 +30,24 @@ class VisionTowerConfig:
     path: str = ""  # a local model directory or hub id (CLIP, SigLIP, or any AutoModel vision encoder)
     feature_layer: int = -2  # index into the hidden states (0 = embeddings); LLaVA uses the penultimate layer
     select: Literal["patch", "full"] = "patch"  # "patch" drops the CLS token where the encoder has one
+    post_norm: bool = False  # apply the encoder's final LayerNorm to the selected layer (BLIP-2: layer -1, "full")
 
 
 class VisionTower(nn.Module):
-    """pixel_values [B, 3, H, W] -> features [B, N, Dv] from hidden layer `feature_layer`."""
+    """pixel_values [B, 3, H, W] -> features [B, N, Dv] from hidden layer `feature_layer`
+    (LayerNorm-ed by the encoder's `post_layernorm` with `post_norm`)."""
 
-    def __init__(self, model: nn.Module, feature_layer: int = -2, select: str = "patch"):
+    def __init__(self, model: nn.Module, feature_layer: int = -2, select: str = "patch", post_norm: bool = False):
         super().__init__()
         if select not in ("patch", "full"):
             raise ValueError(f"unknown vision feature selection {select!r}; valid: patch, full")
         self.model = model
         self.feature_layer = feature_layer
         self.select = select
+        self.post_norm = post_norm
+        if post_norm and _post_layernorm(model) is None:
+            raise ValueError(f"post_norm needs a vision encoder with a `post_layernorm`; "
+                             f"{type(model).__name__} has none")
         config = self.vision_config
         layers = config.num_hidden_layers
         if not -(layers + 1) <= feature_layer <= layers:
@@ -60,7 +71,7 @@ class VisionTower(nn.Module):
             model = loader.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
         finally:
             hf_logging.set_verbosity(verbosity)
-        return cls(model, cfg.feature_layer, cfg.select)
+        return cls(model, cfg.feature_layer, cfg.select, cfg.post_norm)
 
     @property
     def vision_config(self):
@@ -92,9 +103,20 @@ class VisionTower(nn.Module):
         dtype = next(self.model.parameters()).dtype
         out = self.model(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
         features = out.hidden_states[self.feature_layer]  # [B, N(+1), Dv]
+        if self.post_norm:
+            features = _post_layernorm(self.model)(features)
         if self.select == "patch" and self.has_cls_token:
             features = features[:, 1:]
         return features
 
     def save_pretrained(self, directory: str | Path) -> None:
         self.model.save_pretrained(directory)
+
+
+def _post_layernorm(model: nn.Module) -> nn.Module | None:
+    """The encoder's final LayerNorm: on the model itself (BLIP-2) or its `vision_model` (CLIP, SigLIP)."""
+    for owner in (model, getattr(model, "vision_model", None)):
+        norm = getattr(owner, "post_layernorm", None)
+        if isinstance(norm, nn.Module):
+            return norm
+    return None

@@ -4,6 +4,10 @@ Each image stands in the token sequence as `num_image_tokens` copies of the imag
 (the tokenizer side expands one `<image>` tag into that many), so splicing is a single in-order
 scatter, a text-only sample is just a row without placeholders, and the KV cache sees ordinary
 positions during generation.
+
+A connector that reads an instruction as well as the image (InstructBLIP's Q-Former, which has
+`reads_instructions`) gets per-image `qformer_input_ids` / `qformer_attention_mask` [I, Tq], tokenised
+with its own tokenizer; every other connector sees only the vision features.
 """
 from __future__ import annotations
 
@@ -48,15 +52,32 @@ class VisionLanguageModel(nn.Module):
         """Placeholder tokens per image in the input sequence."""
         return self.connector.num_tokens(self.vision.num_tokens)
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[I, 3, H, W] -> visual tokens [I, M, D_llm]."""
-        return self.connector(self.vision(pixel_values))
+    def encode_images(self, pixel_values: torch.Tensor, qformer_input_ids: torch.Tensor | None = None,
+                      qformer_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[I, 3, H, W] (+ instruction ids/mask [I, Tq]) -> visual tokens [I, M, D_llm]."""
+        return self.connect(self.vision(pixel_values), qformer_input_ids, qformer_attention_mask)
+
+    def connect(self, features: torch.Tensor, qformer_input_ids: torch.Tensor | None = None,
+                qformer_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Vision features [I, N, Dv] (+ instruction ids/mask [I, Tq]) -> visual tokens [I, M, D_llm]."""
+        if qformer_input_ids is None:
+            return self.connector(features)
+        if not getattr(self.connector, "reads_instructions", False):
+            raise ValueError(f"qformer_input_ids were given, but this {type(self.connector).__name__} does not read "
+                             f"instructions (only a Q-Former with text input, as InstructBLIP's, does)")
+        if qformer_input_ids.shape[0] != features.shape[0]:
+            raise ImageTokenError(f"{qformer_input_ids.shape[0]} instruction(s) (qformer_input_ids) for "
+                                  f"{features.shape[0]} image(s); give one per image, in reading order")
+        return self.connector(features, qformer_input_ids, qformer_attention_mask)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              sample_ids: list | None = None, vision_features: torch.Tensor | None = None) -> torch.Tensor:
+              sample_ids: list | None = None, vision_features: torch.Tensor | None = None,
+              qformer_input_ids: torch.Tensor | None = None,
+              qformer_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, T] with M placeholders per image, pixel_values [I, 3, H, W] in reading
         order -> inputs_embeds [B, T, D]. `vision_features` [I, N, Dv] (the frozen tower's output,
-        from a feature cache) stand in for pixel_values."""
+        from a feature cache) stand in for pixel_values. `qformer_input_ids`/`qformer_attention_mask`
+        [I, Tq]: one instruction per image, for a connector that reads them."""
         is_image = input_ids == self.image_token_id  # [B, T]
         images = vision_features if vision_features is not None else pixel_values
         num_images = 0 if images is None else images.shape[0]
@@ -64,7 +85,8 @@ class VisionLanguageModel(nn.Module):
         # The placeholder id may lie outside the vocabulary (HF Llava's default): look up a valid id instead.
         embeds = self.llm.embed(input_ids.masked_fill(is_image, 0))
         if num_images:
-            visual = self.connector(vision_features) if vision_features is not None else self.encode_images(pixel_values)
+            features = vision_features if vision_features is not None else self.vision(pixel_values)
+            visual = self.connect(features, qformer_input_ids, qformer_attention_mask)
             visual = visual.to(embeds.dtype)  # [I, M, D]
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), visual.reshape(-1, visual.shape[-1]))
         return embeds
@@ -84,15 +106,19 @@ class VisionLanguageModel(nn.Module):
                                   f"but {num_images} image(s) were given")
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-               pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+               pixel_values: torch.Tensor | None = None, qformer_input_ids: torch.Tensor | None = None,
+               qformer_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token logits at every position [B, T, V] (for scoring and parity checks)."""
-        embeds = self.embed(input_ids, pixel_values)
+        embeds = self.embed(input_ids, pixel_values, qformer_input_ids=qformer_input_ids,
+                            qformer_attention_mask=qformer_attention_mask)
         return self.llm.model(inputs_embeds=embeds, attention_mask=attention_mask).logits
 
     def forward(self, batch: dict) -> LossOutput:
         """batch: input_ids, attention_mask, labels [B, T]; pixel_values [I, 3, H, W] or
-        vision_features [I, N, Dv] (optional)."""
+        vision_features [I, N, Dv] (optional); qformer_input_ids, qformer_attention_mask [I, Tq]
+        (optional, for a connector that reads instructions)."""
         embeds = self.embed(batch["input_ids"], batch.get("pixel_values"), batch.get("sample_ids"),
-                            batch.get("vision_features"))
+                            batch.get("vision_features"), batch.get("qformer_input_ids"),
+                            batch.get("qformer_attention_mask"))
         hidden = self.llm.hidden_states(attention_mask=batch.get("attention_mask"), inputs_embeds=embeds)
         return supervised_lm_loss(hidden, batch["labels"], self.llm.model.get_output_embeddings())

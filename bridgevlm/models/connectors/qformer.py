@@ -311,6 +311,11 @@ class QFormerConnector(nn.Module):
     def num_tokens(self, num_vision_tokens: int) -> int:
         return self.qformer.num_queries
 
+    @property
+    def reads_instructions(self) -> bool:
+        """Whether forward accepts instruction ids (the Q-Former has its own text embeddings)."""
+        return self.qformer.config.text_input
+
     def forward(self, features: torch.Tensor, instruction_ids: torch.Tensor | None = None,
                 instruction_mask: torch.Tensor | None = None) -> torch.Tensor:
         mask = None

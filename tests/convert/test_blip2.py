@@ -1,0 +1,216 @@
+"""HF BLIP-2 / InstructBLIP import: logit parity and identical greedy generations, prompts built the bridgevlm way."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig, Blip2VisionConfig,
+                          InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipQFormerConfig,
+                          InstructBlipVisionConfig, LlamaConfig, OPTConfig, T5Config)
+
+from bridgevlm.convert.blip2 import import_blip2, import_instructblip
+from bridgevlm.convert.keys import ConversionError
+from bridgevlm.data.templates import get_template, tokenize_conversation
+from bridgevlm.infer.generate import GenerationConfig, generate, left_pad
+from bridgevlm.models.assemble import export_vlm, load_vlm
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+NUM_QUERIES = 4
+VISION = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=2)
+QFORMER = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
+               cross_attention_frequency=2, max_position_embeddings=64)
+QUESTIONS = ["What colour is the circle?", "How many squares are there? Is there a yellow diamond?"]
+
+
+def _text_config(kind: str, tokenizer):
+    special = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                   eos_token_id=tokenizer.eos_token_id)
+    if kind == "opt":  # tied embeddings, learned positions
+        return OPTConfig(hidden_size=48, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
+                         word_embed_proj_dim=48, max_position_embeddings=128, **special)
+    return LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, tie_word_embeddings=False, **special)
+
+
+def _save(hf, tokenizer, out, qformer_tokenizer=None):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        # Random weights, so no LayerNorm, bias or query token keeps its trivial initialisation. The LLM's
+        # word embeddings stay small: large tied ones make every token predict itself, a dull generation test.
+        for name, param in hf.named_parameters():
+            if "embed_tokens" not in name:
+                param.add_(torch.randn_like(param) * 0.1)
+        decoder = hf.language_model.model
+        final_norm = decoder.norm if hasattr(decoder, "norm") else decoder.decoder.final_layer_norm
+        final_norm.weight.mul_(20)  # decisive logits: greedy choices are not decided by rounding
+    hf.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if qformer_tokenizer is not None:
+        qformer_tokenizer.save_pretrained(out / "qformer_tokenizer")
+    return out
+
+
+@pytest.fixture(scope="module", params=["opt", "llama"])
+def blip2_dir(request, tokenizer, tmp_path_factory):
+    torch.manual_seed(0)
+    config = Blip2Config(vision_config=Blip2VisionConfig(**VISION),
+                         qformer_config=Blip2QFormerConfig(**QFORMER, vocab_size=60),
+                         text_config=_text_config(request.param, tokenizer), num_query_tokens=NUM_QUERIES,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    return _save(Blip2ForConditionalGeneration(config), tokenizer, tmp_path_factory.mktemp(f"blip2_{request.param}"))
+
+
+@pytest.fixture(scope="module")
+def instructblip_dir(tokenizer, tmp_path_factory):
+    torch.manual_seed(0)
+    # The session tokenizer stands in for the Q-Former's BERT tokenizer: any tokenizer with a matching vocabulary.
+    config = InstructBlipConfig(vision_config=InstructBlipVisionConfig(**VISION),
+                                qformer_config=InstructBlipQFormerConfig(**QFORMER, vocab_size=len(tokenizer),
+                                                                         pad_token_id=tokenizer.pad_token_id),
+                                text_config=_text_config("llama", tokenizer), num_query_tokens=NUM_QUERIES,
+                                image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    return _save(InstructBlipForConditionalGeneration(config), tokenizer, tmp_path_factory.mktemp("instructblip"),
+                 qformer_tokenizer=tokenizer)
+
+
+def _prompts(loaded):
+    """Two prompts of different lengths, each with one image, tokenised by bridgevlm's template code and
+    left-padded; HF takes the very same ids (the placeholder convention is shared)."""
+    template = get_template("vicuna_v1_nosys")
+    rows = [tokenize_conversation(loaded.tokenizer, template, [{"from": "human", "value": f"<image>\n{q}"}],
+                                  add_generation_prompt=True, image_placeholder=loaded.placeholder).input_ids
+            for q in QUESTIONS]
+    ids, mask = left_pad(rows, loaded.tokenizer.pad_token_id)
+    assert (ids == loaded.model.image_token_id).sum(1).tolist() == [NUM_QUERIES, NUM_QUERIES]
+    assert mask[0].sum() < mask[1].sum()  # the first row is padded
+    torch.manual_seed(2)
+    return ids, mask, torch.randn(2, 3, 32, 32)
+
+
+def _greedy_hf(hf, tokenizer, new_tokens, **inputs):
+    tokens = hf.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                         pad_token_id=tokenizer.pad_token_id)
+    return tokens[:, -new_tokens:].tolist()  # transformers returns the prompt ids first
+
+
+def _greedy_ours(model, embeds, mask, new_tokens):
+    return generate(model.llm.model, embeds, mask, GenerationConfig(max_new_tokens=new_tokens), eos_token_id=None).tokens
+
+
+@torch.no_grad()
+def test_blip2_import_matches_transformers(blip2_dir, tokenizer):
+    loaded = import_blip2(blip2_dir)
+    model = loaded.model.eval()
+    assert loaded.placeholder.count == NUM_QUERIES and loaded.qformer_tokenizer is None
+    assert model.vision.num_tokens == 17  # 4x4 patches and the CLS token, all read by the Q-Former
+    ids, mask, pixels = _prompts(loaded)
+    hf = Blip2ForConditionalGeneration.from_pretrained(blip2_dir).eval()
+    reference = hf(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits
+    ours = model.logits(ids, mask, pixels)
+    assert ours.shape == reference.shape
+    assert (ours - reference).abs().max().item() <= 1e-5
+    hf_tokens = _greedy_hf(hf, tokenizer, 6, pixel_values=pixels, input_ids=ids, attention_mask=mask)
+    assert _greedy_ours(model, model.embed(ids, pixels), mask, 6) == hf_tokens
+    assert len({token for row in hf_tokens for token in row}) > 2  # not one token repeated
+
+
+@torch.no_grad()
+def test_instructblip_import_matches_transformers_with_instructions(instructblip_dir, tokenizer):
+    loaded = import_instructblip(instructblip_dir)
+    model = loaded.model.eval()
+    assert loaded.qformer_tokenizer is not None
+    ids, mask, pixels = _prompts(loaded)
+    # The instruction goes to the Q-Former too, right-padded, as InstructBlipProcessor does.
+    instructions = loaded.qformer_tokenizer(QUESTIONS, padding=True, return_tensors="pt")
+    q_ids, q_mask = instructions["input_ids"], instructions["attention_mask"]
+    assert q_mask[0].sum() < q_mask[1].sum()
+    hf = InstructBlipForConditionalGeneration.from_pretrained(instructblip_dir).eval()
+    inputs = dict(pixel_values=pixels, input_ids=ids, attention_mask=mask, qformer_input_ids=q_ids,
+                  qformer_attention_mask=q_mask)
+    reference = hf(**inputs).logits
+    ours = model.logits(ids, mask, pixels, q_ids, q_mask)
+    assert (ours - reference).abs().max().item() <= 1e-5
+    # the instruction matters: the same images with the instructions swapped give other logits
+    swapped = model.logits(ids, mask, pixels, q_ids.flip(0), q_mask.flip(0))
+    assert (swapped - reference).abs().max().item() > 1e-3
+    # ... and reaches the model through a training batch's keys too: the loss is HF's logits' loss
+    labels = ids.masked_fill((mask == 0) | (ids == model.image_token_id), -100)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels,
+             "qformer_input_ids": q_ids, "qformer_attention_mask": q_mask}
+    supervised = labels[:, 1:] != -100
+    expected = F.cross_entropy(reference[:, :-1][supervised], labels[:, 1:][supervised], reduction="sum")
+    assert abs(model(batch).loss_sum.item() - expected.item()) <= 1e-4 * expected.item()
+    hf_tokens = _greedy_hf(hf, tokenizer, 6, **inputs)
+    assert _greedy_ours(model, model.embed(ids, pixels, qformer_input_ids=q_ids, qformer_attention_mask=q_mask),
+                        mask, 6) == hf_tokens
+    assert len({token for row in hf_tokens for token in row}) > 2
+
+
+@torch.no_grad()
+def test_imported_blip2_exports_as_a_bridgevlm_directory(blip2_dir, tmp_path):
+    loaded = import_blip2(blip2_dir)
+    ids, mask, pixels = _prompts(loaded)
+    before = loaded.model.eval().logits(ids, mask, pixels)
+    export_vlm(loaded, tmp_path / "native")
+    again = load_vlm(tmp_path / "native")
+    assert again.model.vision.post_norm and again.model.vision.select == "full"
+    assert (again.model.eval().logits(ids, mask, pixels) - before).abs().max().item() <= 1e-5
+
+
+@torch.no_grad()
+def test_instructions_need_a_connector_that_reads_them(blip2_dir):
+    loaded = import_blip2(blip2_dir)
+    ids, _, pixels = _prompts(loaded)
+    model = loaded.model.eval()
+    with pytest.raises(ValueError, match="does not read instructions"):
+        model.embed(ids, pixels, qformer_input_ids=torch.ones(2, 3, dtype=torch.long))
+
+
+def test_instruction_count_must_match_the_images(instructblip_dir):
+    loaded = import_instructblip(instructblip_dir)
+    ids, _, pixels = _prompts(loaded)
+    with pytest.raises(ValueError, match=r"1 instruction\(s\) \(qformer_input_ids\) for 2 image\(s\)"):
+        loaded.model.embed(ids, pixels, qformer_input_ids=torch.ones(1, 3, dtype=torch.long))
+
+
+def test_bad_directories_and_unsupported_configs_are_named(tmp_path, instructblip_dir, tokenizer):
+    with pytest.raises(ConversionError, match="not a Hugging Face BLIP-2 directory"):
+        import_blip2(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConversionError, match="not a Hugging Face InstructBLIP directory"):
+        import_instructblip(tmp_path / "empty")
+    with pytest.raises(ConversionError, match="'instructblip' checkpoint, not BLIP-2.*use import_instructblip"):
+        import_blip2(instructblip_dir)
+    t5 = Blip2Config(vision_config=Blip2VisionConfig(**VISION), qformer_config=Blip2QFormerConfig(**QFORMER),
+                     text_config=T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2),
+                     num_query_tokens=NUM_QUERIES, image_token_index=3)
+    t5.save_pretrained(tmp_path / "t5")
+    with pytest.raises(ConversionError, match="'t5', an encoder-decoder.*decoder-only language models"):
+        import_blip2(tmp_path / "t5")
+
+
+def test_a_checkpoint_missing_a_weight_is_refused(blip2_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(blip2_dir, broken)
+    state = load_file(broken / "model.safetensors")
+    del state["qformer.encoder.layer.0.crossattention.attention.key.weight"]
+    save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match="lacks or misshapes 1 weight.*crossattention.attention.key.weight"):
+        import_blip2(broken)
+
+
+def test_a_checkpoint_without_image_token_index_uses_the_tokenizers_image_token(blip2_dir, tmp_path, tokenizer):
+    # transformers' default (None) leaves HF itself unable to place the image; bridgevlm falls back to <image>.
+    old = tmp_path / "old"
+    shutil.copytree(blip2_dir, old)
+    config = json.loads((old / "config.json").read_text())
+    config["image_token_index"] = None
+    (old / "config.json").write_text(json.dumps(config))
+    loaded = import_blip2(old)
+    assert loaded.model.image_token_id == tokenizer.convert_tokens_to_ids("<image>") == loaded.config.image_token_id
