@@ -20,7 +20,7 @@ EXAMPLES = """examples:
   bridgevlm chat runs/llava --image runs/quickstart/world/images/test/test_000000.png
   bridgevlm export runs/llava --out exported/llava-shapes            (LoRA merged, standalone)
   bridgevlm export runs/llava --out exported/llava-hf --format llava (a transformers Llava directory)
-  bridgevlm convert path/to/llava-1.5-7b-hf --out models/llava15     (a transformers Llava into bridgevlm)
+  bridgevlm convert path/to/llava-1.5-7b-hf --out models/llava15     (a transformers Llava, BLIP-2 or InstructBLIP)
 """
 
 
@@ -102,9 +102,10 @@ def _add_export(sub) -> None:
 
 
 def _add_convert(sub) -> None:
-    p = sub.add_parser("convert", help="turn a transformers Llava directory into a bridgevlm model directory",
-                       description="Import a LlavaForConditionalGeneration directory (or hub id) with identical outputs.")
-    p.add_argument("source", help="HF Llava directory or hub id")
+    p = sub.add_parser("convert", help="turn a transformers Llava / BLIP-2 / InstructBLIP directory into a bridgevlm model",
+                       description="Import a LlavaForConditionalGeneration, Blip2ForConditionalGeneration or "
+                                   "InstructBlipForConditionalGeneration directory (or hub id) with identical outputs.")
+    p.add_argument("source", help="HF Llava / BLIP-2 / InstructBLIP directory or hub id")
     p.add_argument("--out", required=True, type=Path)
 
 
@@ -243,10 +244,10 @@ def _export(args) -> int:
 
 
 def _convert(args) -> int:
-    from .convert.llava import import_llava
+    from .loading import import_hf
     from .models.assemble import export_vlm
 
-    export_vlm(import_llava(args.source), args.out)
+    export_vlm(import_hf(args.source), args.out)
     print(f"wrote bridgevlm model to {args.out} (try: bridgevlm chat {args.out} --image PATH)")
     return 0
 

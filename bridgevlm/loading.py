@@ -1,4 +1,4 @@
-"""`bridgevlm.load(path)`: a saved model, a training run, or a Hugging Face Llava directory."""
+"""`bridgevlm.load(path)`: a saved model, a training run, or a Hugging Face Llava / BLIP-2 / InstructBLIP directory."""
 from __future__ import annotations
 
 import json
@@ -26,10 +26,27 @@ def load(path: str | Path, trust_remote_code: bool = False) -> LoadedVlm:
     directory = find_model_dir(path)
     if (directory / CONFIG_FILE).is_file():
         return load_vlm(directory, trust_remote_code=trust_remote_code)
-    model_type = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("model_type")
-    if model_type == "llava":
-        from .convert.llava import import_llava
+    return import_hf(directory, trust_remote_code=trust_remote_code)
 
-        return import_llava(directory, trust_remote_code=trust_remote_code)
-    raise ValueError(f"{directory}/config.json is a {model_type!r} model; bridgevlm loads its own model "
-                     f"directories and Hugging Face Llava ('llava') directories")
+
+def _importers() -> dict:
+    # Imported lazily: each pulls in its transformers model family.
+    from .convert.blip2 import import_blip2, import_instructblip
+    from .convert.llava import import_llava
+
+    return {"llava": import_llava, "blip-2": import_blip2, "instructblip": import_instructblip}
+
+
+def import_hf(directory: str | Path, trust_remote_code: bool = False) -> LoadedVlm:
+    """A Hugging Face vision-language directory (or hub id) as a bridgevlm model, by its model_type."""
+    if (Path(directory) / "config.json").is_file():
+        model_type = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8")).get("model_type")
+    else:
+        from transformers import AutoConfig
+
+        model_type = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code).model_type
+    importers = _importers()
+    if model_type not in importers:
+        raise ValueError(f"{directory}/config.json is a {model_type!r} model; bridgevlm loads its own model "
+                         f"directories and Hugging Face {', '.join(repr(k) for k in importers)} directories")
+    return importers[model_type](directory, trust_remote_code=trust_remote_code)

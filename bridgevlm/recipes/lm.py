@@ -36,7 +36,7 @@ class LmPhase:
     keeps the recipe's own value. Each phase continues from the weights the previous one ended with."""
     name: str
     max_steps: int
-    scene_text: Literal["detailed", "compact"] | None = None
+    scene_text: Literal["detailed", "compact", "minimal"] | None = None
     phrasing: Literal["varied", "canonical"] | None = None
     families: list[str] | None = None  # question families of this phase's corpus (None: all)
     max_objects: int | None = None  # objects per scene at most (None: the world's full range)
@@ -64,7 +64,7 @@ class LmRecipe:
     # A curriculum stage's corpus: "compact" scene text and "canonical" phrasing make in-context
     # look-ups short-range and the question form fixed, which is where a tiny LM first learns them;
     # a later run (`pretrained:` this one) continues on the detailed, varied corpus.
-    scene_text: Literal["detailed", "compact"] = "detailed"
+    scene_text: Literal["detailed", "compact", "minimal"] = "detailed"
     phrasing: Literal["varied", "canonical"] = "varied"
     families: list[str] | None = None  # question families of the corpus (None: all)
     max_objects: int = MAX_OBJECTS

@@ -214,3 +214,21 @@ def test_a_checkpoint_without_image_token_index_uses_the_tokenizers_image_token(
     (old / "config.json").write_text(json.dumps(config))
     loaded = import_blip2(old)
     assert loaded.model.image_token_id == tokenizer.convert_tokens_to_ids("<image>") == loaded.config.image_token_id
+
+
+@torch.no_grad()
+def test_load_and_convert_dispatch_on_the_model_type(blip2_dir, instructblip_dir, tmp_path):
+    from bridgevlm.cli import main
+    from bridgevlm.loading import load
+
+    ids, mask, pixels = _prompts(import_blip2(blip2_dir))
+    expected = import_blip2(blip2_dir).model.eval().logits(ids, mask, pixels)
+    assert (load(blip2_dir).model.eval().logits(ids, mask, pixels) - expected).abs().max().item() == 0
+    assert load(instructblip_dir).qformer_tokenizer is not None  # the InstructBLIP importer ran
+    assert main(["convert", str(blip2_dir), "--out", str(tmp_path / "converted")]) == 0
+    converted = load(tmp_path / "converted").model.eval()
+    assert (converted.logits(ids, mask, pixels) - expected).abs().max().item() <= 1e-5
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ValueError, match="a 'bert' model; .*'llava', 'blip-2', 'instructblip'"):
+        load(tmp_path / "bert")

@@ -254,3 +254,19 @@ def test_corpus_restricted_to_families_and_fewer_objects():
         text_conversations(seed=3, num_scenes=1, exclude=set(), turns=1, families=["colours"])
     with pytest.raises(ValueError, match="max_objects must be between 1 and 4"):
         text_conversations(seed=3, num_scenes=1, exclude=set(), turns=1, max_objects=5)
+
+
+def test_minimal_text_names_each_object_by_colour_and_shape_only():
+    from bridgevlm.data.shapes.scene import COLOURS, SHAPES
+
+    records = text_conversations(seed=4, num_scenes=100, exclude=set(), turns=2, describe_probability=0.0,
+                                 scene_text="minimal", phrasing="canonical", families=["colour", "shape"])
+    sizes = set()
+    for record in records:
+        scene = record["conversations"][0]["value"].split("\n")[0]
+        objects = [p.split() for p in scene.rstrip(".").split(", ") if not p.startswith(("word ", "digit "))]
+        assert all(len(o) == 2 and o[0] in COLOURS and o[1] in SHAPES for o in objects), scene
+        # only scenes the minimal text describes unambiguously: no shared colour, no shared shape
+        assert len({c for c, _ in objects}) == len(objects) == len({s for _, s in objects}), scene
+        sizes.add(len(objects))
+    assert sizes == {1, 2, 3, 4}

@@ -172,5 +172,21 @@ def compact_caption(scene: Scene) -> str:
     return ", ".join(parts) + "."
 
 
+def minimal_caption(scene: Scene) -> str:
+    """'red circle, blue square.': colour and shape only, adjacent, the shortest look-up there is
+    (the language model's first curriculum phase; it cannot tell apart objects that share a colour
+    or a shape, so corpora using it keep only scenes whose objects it names uniquely)."""
+    parts = [f"{o.colour} {o.shape}" for o in scene.objects]
+    if scene.text:
+        parts.append(f"{text_kind(scene.text.value)} {scene.text.value}")
+    return ", ".join(parts) + "."
+
+
+def names_objects_uniquely(scene: Scene) -> bool:
+    """True when no two objects share a colour or a shape (so `minimal_caption` is unambiguous)."""
+    return (len({o.colour for o in scene.objects}) == len(scene.objects)
+            and len({o.shape for o in scene.objects}) == len(scene.objects))
+
+
 def text_kind(value: str) -> str:
     return "digit" if value.isdigit() else "word"

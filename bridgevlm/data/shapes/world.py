@@ -26,7 +26,8 @@ from ...io import write_json
 
 from .families import FAMILIES, HELD_IN, HELD_OUT, ask
 from .render import render_scene
-from .scene import MAX_OBJECTS, COLOURS, SHAPES, Scene, compact_caption, detailed_caption, sample_scene, short_caption
+from .scene import (MAX_OBJECTS, COLOURS, SHAPES, Scene, compact_caption, detailed_caption, minimal_caption,
+                    names_objects_uniquely, sample_scene, short_caption)
 
 SPLITS = ("train", "val", "test")
 CAPTION_PROMPTS = (
@@ -109,7 +110,7 @@ def eval_items(scene: Scene, rng: np.random.Generator, image: str) -> dict[str, 
     return items
 
 
-SCENE_TEXTS = {"detailed": detailed_caption, "compact": compact_caption}
+SCENE_TEXTS = {"detailed": detailed_caption, "compact": compact_caption, "minimal": minimal_caption}
 
 
 def text_conversations(seed: int, num_scenes: int, exclude: set, turns: int, text_probability: float = 0.35,
@@ -122,7 +123,8 @@ def text_conversations(seed: int, num_scenes: int, exclude: set, turns: int, tex
     the model learns to produce captions. Scenes in `exclude` (the world's val/test keys) are
     never used, so text-QA evaluation on test scenes stays honest.
 
-    `scene_text="compact"` describes scenes tersely and `phrasing="canonical"` asks each family
+    `scene_text="compact"` describes scenes tersely ("minimal": colour and shape only, on scenes
+    whose objects that names uniquely) and `phrasing="canonical"` asks each family
     in one fixed form: an easier first curriculum stage, where in-context look-ups are learnt.
     `families` restricts the questions to those families (default: all) and `max_objects` caps the
     objects per scene: fewer distractors make a first look-up easier to learn."""
@@ -139,7 +141,7 @@ def text_conversations(seed: int, num_scenes: int, exclude: set, turns: int, tex
     records = []
     while len(records) < num_scenes:
         scene = sample_scene(rng, f"text_{len(records):07d}", "train", text_probability, max_objects)
-        if scene.key() in exclude:
+        if scene.key() in exclude or (scene_text == "minimal" and not names_objects_uniquely(scene)):
             continue
         messages = conversation(scene, rng, families, turns, describe_scene(scene), phrasing)
         if rng.random() < describe_probability:
