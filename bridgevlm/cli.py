@@ -9,6 +9,9 @@ from pathlib import Path
 
 from . import __version__
 
+# The recipe tasks `train` accepts (bridgevlm.recipes.registry.RECIPES; spelled out so --help stays fast).
+RECIPE_TASKS = ("clip", "lm", "backbones", "vlm", "blip2_stage1")
+
 EXAMPLES = """examples:
   bridgevlm quickstart --out runs/quickstart          world, shipped backbones, evaluation, report
   bridgevlm quickstart --out runs/qs --from-scratch   also pretrain the tiny backbones (tens of CPU-minutes)
@@ -37,7 +40,7 @@ def _add_world(sub) -> None:
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="run a recipe (YAML) with dotted overrides",
                        description="Run a training recipe. The YAML's `task` picks the recipe "
-                                   "(clip, lm, backbones); any field can be overridden as key.sub=value.")
+                                   f"({', '.join(RECIPE_TASKS)}); any field can be overridden as key.sub=value.")
     p.add_argument("recipe", type=Path, help="recipe YAML, e.g. configs/shapes/clip.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.optim.lr=1e-4 train.max_steps=100")
     p.add_argument("--out", required=True, type=Path, help="run directory (resumes if it holds checkpoints)")

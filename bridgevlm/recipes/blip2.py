@@ -37,9 +37,9 @@ MODEL_CONFIG, MODEL_WEIGHTS = "config.json", "model.safetensors"
 
 
 def _embedded_qformer() -> QFormerConfig:
-    """Sized for the embedded 128-wide tower on a 2-core CPU (QFormerConfig's defaults stay BLIP-2's).
-    Shapes captions are at most 56 tokens, so 64 positions suffice."""
-    return QFormerConfig(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512, num_query_tokens=8,
+    """Sized for the embedded 128-wide tower on one CPU core, about 0.6 s a step at batch 32
+    (QFormerConfig's defaults stay BLIP-2's). Shapes captions are at most 56 tokens."""
+    return QFormerConfig(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512, num_query_tokens=8,
                          max_position_embeddings=64, lm_head="tied")
 
 
@@ -284,8 +284,9 @@ def run_blip2_stage1(recipe: Blip2Stage1Recipe, run_dir: str | Path, progress: b
         eval_images = functools.cache(lambda: _eval_images(eval_paths, cache, processor))
 
         def evaluate(trained, step):
-            return caption_retrieval(trained, tokenizer, eval_images(), [c for _, c in eval_pairs], max_length,
-                                     recipe.eval.retrieval)
+            metrics = caption_retrieval(trained, tokenizer, eval_images(), [c for _, c in eval_pairs], max_length,
+                                        recipe.eval.retrieval)
+            return {name: float(value) for name, value in metrics.items()}
 
     result = train_stage(model, dataset, CaptionCollator(tokenizer.pad_token_id, processor), recipe.train, run_dir,
                          eval_fn=evaluate, dist=dist, config_to_save=to_dict(recipe), progress=progress)
@@ -308,6 +309,3 @@ def _final_evaluation(history: list[dict], step: int) -> dict | None:
             return evaluated
     return None
 
-
-__all__ = ["Blip2Stage1Recipe", "RetrievalEval", "Stage1Config", "build_pretrainer", "load_stage1_config",
-           "load_stage1_pretrainer", "load_stage1_qformer", "load_text_tokenizer", "run_blip2_stage1", "save_stage1"]

@@ -156,6 +156,12 @@ def _run_curriculum(recipe: LmRecipe, run_dir: Path, progress: bool) -> dict:
         shutil.rmtree(run_dir / "model")
     shutil.copytree(pretrained, run_dir / "model")
     write_json(run_dir / "metrics.json", result["metrics"])
+    # The whole curriculum's log in one file, each line tagged with its phase (steps count per phase).
+    lines = [json.dumps({"phase": phase.name, **json.loads(line)})
+             for phase in recipe.curriculum
+             for line in (run_dir / "phases" / phase.name / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+             if line.strip()]
+    (run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return {"metrics": result["metrics"], "steps": steps, "history": history}
 
 

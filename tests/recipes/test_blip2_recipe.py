@@ -1,6 +1,7 @@
 """BLIP-2 stage 1 on a tiny world: train, evaluate retrieval, save, reload, resume; the recipe files."""
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -13,6 +14,7 @@ from transformers import BertConfig, BertForMaskedLM, BertTokenizer, CLIPVisionC
 
 from bridgevlm.config import ConfigError, from_dict, load_config, to_dict
 from bridgevlm.data.captions import caption_pairs
+from bridgevlm.data.images import ImageProcessor, load_image
 from bridgevlm.eval.qformer_retrieval import caption_retrieval
 from bridgevlm.models.vision import VisionTower
 from bridgevlm.recipes.blip2 import (Blip2Stage1Recipe, build_pretrainer, load_stage1_config, load_stage1_pretrainer,
@@ -51,6 +53,14 @@ def stage1_run(shapes_world, world_tokenizer_dir, tiny_tower, tmp_path_factory):
     """The tiny run, counting the images that go through the vision tower."""
     recipe = tiny_recipe(shapes_world, world_tokenizer_dir, tiny_tower)
     run_dir = tmp_path_factory.mktemp("blip2_run")
+    with pytest.MonkeyPatch.context() as patch:
+        encoded = count_tower_images(patch)
+        result = run_blip2_stage1(recipe, run_dir, progress=False)
+    return recipe, run_dir, result, encoded
+
+
+def count_tower_images(patch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the batches the vision tower encodes from now on."""
     encoded = []
     forward = VisionTower.forward
 
@@ -58,10 +68,8 @@ def stage1_run(shapes_world, world_tokenizer_dir, tiny_tower, tmp_path_factory):
         encoded.append(len(pixel_values))
         return forward(self, pixel_values)
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(VisionTower, "forward", counting)
-        result = run_blip2_stage1(recipe, run_dir, progress=False)
-    return recipe, run_dir, result, encoded
+    patch.setattr(VisionTower, "forward", counting)
+    return encoded
 
 
 def _lines(run_dir: Path) -> list[dict]:
@@ -98,7 +106,7 @@ def test_the_tower_encodes_each_image_once_however_many_epochs(stage1_run, shape
     assert sum(encoded) == len(images)  # the cache fill, and nothing during training or evaluation
 
 
-def test_the_model_dir_reloads_the_trained_qformer(stage1_run, shapes_world, tiny_tower):
+def test_the_model_dir_reloads_the_trained_qformer(stage1_run, shapes_world):
     recipe, run_dir, _, _ = stage1_run
     model = load_stage1_pretrainer(run_dir / "model").eval()
     # the checkpoint's trainable weights are the saved ones
@@ -110,8 +118,6 @@ def test_the_model_dir_reloads_the_trained_qformer(stage1_run, shapes_world, tin
     config = load_stage1_config(run_dir / "model")
     tower = VisionTower.from_pretrained(config.vision)
     pairs = caption_pairs(shapes_world / "captions/val.json")
-    from bridgevlm.data.images import ImageProcessor, load_image
-
     processor = ImageProcessor(size=tower.image_size)
     with torch.no_grad():
         features = tower(processor.normalize(torch.stack([processor.to_uint8(load_image(shapes_world / "images" / p))
@@ -127,15 +133,20 @@ def test_the_model_dir_reloads_the_trained_qformer(stage1_run, shapes_world, tin
     assert config.objectives.cls_token_id == tokenizer.bos_token_id
 
 
-def test_resume_trains_only_the_new_steps(stage1_run, tmp_path):
+def test_resume_trains_only_the_new_steps_from_the_filled_cache(stage1_run, tmp_path, monkeypatch):
     recipe, run_dir, _, _ = stage1_run
     shutil.copytree(run_dir, tmp_path / "run")
-    recipe.train.max_steps = STEPS + 2
-    result = run_blip2_stage1(recipe, tmp_path / "run", progress=False)
-    recipe.train.max_steps = STEPS
-    assert result["steps"] == STEPS + 2
+    encoded = count_tower_images(monkeypatch)
+    longer = copy.deepcopy(recipe)
+    longer.train.max_steps = STEPS + 2
+    result = run_blip2_stage1(longer, tmp_path / "run", progress=False)
+    assert result["steps"] == STEPS + 2 and not encoded
     assert [line["step"] for line in result["history"] if "loss" in line] == [STEPS + 1, STEPS + 2]
     assert [line["step"] for line in _lines(tmp_path / "run") if "loss" in line] == list(range(1, STEPS + 3))
+    # A finished run trains nothing more and evaluates the model it has.
+    again = run_blip2_stage1(longer, tmp_path / "run", progress=False)
+    assert again["steps"] == STEPS + 2 and not again["history"]
+    assert again["metrics"] == pytest.approx(result["metrics"], abs=1e-6)
 
 
 def test_objectives_off_in_the_yaml_are_not_logged(shapes_world, world_tokenizer_dir, tiny_tower, tmp_path):
@@ -182,15 +193,14 @@ def test_the_shapes_and_paper_recipes_parse():
     assert paper.train.precision == "bf16"
 
 
-def test_bert_initialises_the_qformer_with_its_own_tokenizer(tmp_path, tiny_tower):
+def test_bert_initialises_the_qformer_with_its_own_tokenizer(tmp_path):
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "circle", "square"]
     bert_dir = tmp_path / "bert"
     BertTokenizer(vocab={w: i for i, w in enumerate(words)}).save_pretrained(bert_dir)
     torch.manual_seed(0)
     BertForMaskedLM(BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                intermediate_size=64, max_position_embeddings=64)).save_pretrained(bert_dir)
-    recipe = from_dict(Blip2Stage1Recipe, {"bert": str(bert_dir), "qformer": TINY_QFORMER,
-                                           "vision": {"path": str(tiny_tower)}})
+    recipe = from_dict(Blip2Stage1Recipe, {"bert": str(bert_dir), "qformer": TINY_QFORMER})
     tokenizer = load_text_tokenizer(bert_dir)  # the recipe's default when `bert` is set
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (2, 3)  # [CLS] and [SEP]
     model = build_pretrainer(recipe, tokenizer, None, vision_width=32)
@@ -204,7 +214,7 @@ def test_bert_initialises_the_qformer_with_its_own_tokenizer(tmp_path, tiny_towe
         build_pretrainer(recipe, other, None, vision_width=32)
 
 
-def test_a_conflicting_derived_field_is_named(world_tokenizer_dir, tiny_tower):
+def test_a_conflicting_derived_field_is_named(world_tokenizer_dir):
     recipe = from_dict(Blip2Stage1Recipe, {"qformer": {**TINY_QFORMER, "vocab_size": 7}})
     tokenizer = load_text_tokenizer(world_tokenizer_dir)
     with pytest.raises(ValueError, match=r"qformer\.vocab_size is 7, but it follows the tokenizer"):

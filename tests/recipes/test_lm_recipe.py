@@ -151,6 +151,8 @@ def test_curriculum_chains_phases_and_resumes(tiny, shapes_world, world_tokenize
     for (name, a), (_, b) in zip(final.state_dict().items(), last.state_dict().items()):
         assert torch.equal(a, b), name
     assert json.loads((tmp_path / "metrics.json").read_text()) == result["metrics"]
+    logged = [(line["phase"], line["step"]) for line in _lines(tmp_path) if "loss" in line]
+    assert logged == [("lookup", 1), ("lookup", 2), ("full", 1), ("full", 2), ("full", 3)]
 
     again = run_lm(recipe, tmp_path, progress=False)  # finished phases are not run again
     assert again["steps"] == 5 and again["history"] == []

@@ -85,7 +85,10 @@ def test_missing_or_invalid_task_lists_the_valid_tasks(tmp_path, task_line):
     message = str(error.value)
     assert str(path) in message and "task" in message
     assert "clip, lm, backbones, vlm" in message
-    assert set(RECIPES) == {"clip", "lm", "backbones", "vlm"}
+    assert set(RECIPES) == {"clip", "lm", "backbones", "vlm", "blip2_stage1"}
+    from bridgevlm.cli import RECIPE_TASKS
+
+    assert set(RECIPE_TASKS) == set(RECIPES)  # what `bridgevlm train --help` lists
 
 
 def test_missing_file_is_a_config_error(tmp_path):
