@@ -463,6 +463,17 @@ def _provides(keys: Sequence[str], value: Any, parts: _Parts) -> bool:
     return True
 
 
+def follow_fields(cfg: T, section: str, derived: Mapping[str, tuple[Any, str]]) -> T:
+    """`cfg` with the fields in `derived` (name -> (value, what decides it)) filled in. A field set
+    to neither its default nor the derived value is a mistake, named rather than overwritten."""
+    defaults = type(cfg)()
+    for name, (value, reason) in derived.items():
+        given = getattr(cfg, name)
+        if given != value and given != getattr(defaults, name):
+            raise ValueError(f"{section}.{name} is {given}, but it follows {reason} ({value}); leave it unset")
+    return dataclasses.replace(cfg, **{name: value for name, (value, _) in derived.items()})
+
+
 def save_config(obj_or_dict: Any, path: str | os.PathLike) -> None:
     """Write a config (dataclass instance or mapping) as YAML, atomically.
 

@@ -162,3 +162,67 @@ def vlm_parts(tokenizer, tmp_path_factory):
     llm.save_pretrained(out / "llm")
     tokenizer.save_pretrained(out / "llm")
     return {"vision": {"path": str(out / "vision")}, "llm": str(out / "llm"), "connector": {"kind": "mlp2x_gelu"}}
+
+
+@pytest.fixture(scope="session")
+def stage1_run(vlm_parts, shapes_world, world_tokenizer_dir, tmp_path_factory):
+    """A finished two-step `blip2_stage1` run directory whose Q-Former reads `vlm_parts`' vision tower
+    (layer -2, every token) and tokenises with the world tokenizer, as a stage-2 connector starts from."""
+    import torch
+
+    from bridgevlm.config import from_dict
+    from bridgevlm.recipes.blip2 import Blip2Stage1Recipe, run_blip2_stage1
+
+    recipe = from_dict(Blip2Stage1Recipe, {
+        "world": str(shapes_world), "captions": ["captions/train.json"], "tokenizer": str(world_tokenizer_dir),
+        "vision": {"path": vlm_parts["vision"]["path"], "feature_layer": -2, "select": "full"},
+        "qformer": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64,
+                    "num_query_tokens": 4, "max_position_embeddings": 64, "lm_head": "tied"},
+        "objectives": {"embed_dim": 16, "max_text_length": 64}, "eval": {"split": ""},
+        "train": {"batch_size": 8, "max_steps": 2, "log_every": 1, "optim": {"lr": 1e-3}}})
+    out = tmp_path_factory.mktemp("blip2_stage1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_blip2_stage1(recipe, out, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+@pytest.fixture(scope="session")
+def qformer_parts(vlm_parts, stage1_run):
+    """`vlm_parts` with the vision features `stage1_run` read and a Q-Former connector starting from it."""
+    return {**vlm_parts, "vision": {**vlm_parts["vision"], "feature_layer": -2, "select": "full"},
+            "connector": {"kind": "qformer", "init": str(stage1_run)}}
+
+
+class ConnectorCalls(list):
+    """The instruction ids and mask [I, Tq] of each QFormerConnector call, or None for a call without."""
+
+    def texts(self, tokenizer) -> list[list[str] | None]:
+        """Each call's instructions as text, one per image."""
+        return [None if call is None else [tokenizer.decode(row[keep.bool()].tolist(), skip_special_tokens=True)
+                                           for row, keep in zip(*call)] for call in self]
+
+
+@pytest.fixture
+def connector_calls(monkeypatch):
+    """Records what every QFormerConnector call receives from now on (a ConnectorCalls)."""
+    import torch
+
+    from bridgevlm.models.connectors import QFormerConnector
+
+    calls = ConnectorCalls()
+    forward = QFormerConnector.forward
+
+    def recording(self, features, instruction_ids=None, instruction_mask=None):
+        if instruction_ids is None:
+            calls.append(None)
+        else:
+            mask = torch.ones_like(instruction_ids) if instruction_mask is None else instruction_mask
+            calls.append((instruction_ids.clone(), mask.clone()))
+        return forward(self, features, instruction_ids, instruction_mask)
+
+    monkeypatch.setattr(QFormerConnector, "forward", recording)
+    return calls

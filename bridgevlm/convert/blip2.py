@@ -22,7 +22,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Blip2
                           InstructBlipForConditionalGeneration)
 
 from ..data.images import ImageProcessor
-from ..models.assemble import FALLBACK_IMAGE_TOKEN_ID, LoadedVlm, VlmConfig, image_token_id
+from ..models.assemble import FALLBACK_IMAGE_TOKEN_ID, QFORMER_TOKENIZER_DIR, LoadedVlm, VlmConfig, image_token_id
 from ..models.connectors import ConnectorConfig, QFormer, QFormerConnector
 from ..models.llm import LanguageModel
 from ..models.vision import VisionTower, VisionTowerConfig
@@ -38,7 +38,6 @@ FROM_HF = [
 ]
 # What HF feeds the Q-Former: the last layer, normalised, every token (CLS first).
 VISION = VisionTowerConfig("vision", feature_layer=-1, select="full", post_norm=True)
-QFORMER_TOKENIZER_DIR = "qformer_tokenizer"  # where InstructBlipProcessor.save_pretrained puts it
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
 
 

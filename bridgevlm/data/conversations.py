@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 
 from .feature_cache import FeatureCache
 from .images import ImageProcessor, load_image
+from .instructions import InstructionTokenizer, image_instructions, pad_instructions
 from .templates import (
     IGNORE_INDEX,
     IMAGE_TAG,
@@ -50,14 +51,18 @@ class ConversationDataset(Dataset):
 
     Every record's `<image>` tags must match its images one to one: a tag without an image or an
     image without a tag fails at construction, naming the sample.
+
+    With `instructions` (a connector that reads them, as InstructBLIP's Q-Former), a sample with
+    images also carries `instruction_ids`: per image, in reading order, the Q-Former tokens of the
+    turn holding its tag, without the tag (data/instructions.py).
     """
 
     def __init__(self, records: Sequence[dict], tokenizer, template: ConversationTemplate, max_length: int,
                  source: str = "<records>", pretokenize: bool = False, supervise_all: bool = False,
-                 images: ImageSource | None = None):
+                 images: ImageSource | None = None, instructions: InstructionTokenizer | None = None):
         self.records, self.tokenizer, self.template = records, tokenizer, template
         self.max_length, self.source, self.supervise_all = max_length, source, supervise_all
-        self.images = images
+        self.images, self.instructions = images, instructions
         self._check_image_tags()
         self.samples: list[dict] | None = None
         if pretokenize:
@@ -92,6 +97,9 @@ class ConversationDataset(Dataset):
         record = self.records[index]
         paths = record_images(record)
         sample = dict(sample, sample_id=record.get("id", index))
+        if paths and self.instructions is not None:  # one per image: the construction checks tags == images
+            sample["instruction_ids"] = [self.instructions.encode(text)
+                                         for text in image_instructions(record["conversations"])]
         if paths and self.images.features is not None:
             sample["features"] = torch.stack([self.images.features.get(self.images.folder / p) for p in paths])
         elif paths:
@@ -159,10 +167,13 @@ class PadCollator:
 
     With a `processor`, the samples' images are concatenated in reading order and normalised in
     one batched call as `pixel_values` [I, 3, H, W] (or, from a feature cache, concatenated as
-    `vision_features` [I, N, D]); `sample_ids` lets errors name samples."""
+    `vision_features` [I, N, D]); `sample_ids` lets errors name samples. Samples' `instruction_ids`
+    (one per image) become `qformer_input_ids` / `qformer_attention_mask` [I, Tq] in the same order,
+    right-padded with `instruction_pad_token_id`."""
 
     pad_token_id: int
     processor: ImageProcessor | None = None
+    instruction_pad_token_id: int = 0
 
     def __call__(self, samples: Sequence[dict]) -> dict:
         length = max(len(s["input_ids"]) for s in samples)
@@ -183,4 +194,7 @@ class PadCollator:
             if features:
                 batch["vision_features"] = torch.cat(features)
             batch["sample_ids"] = [s.get("sample_id", row) for row, s in enumerate(samples)]
+        instructions = [ids for s in samples for ids in s.get("instruction_ids", [])]
+        if instructions:
+            batch.update(pad_instructions(instructions, self.instruction_pad_token_id))
         return batch

@@ -1,4 +1,8 @@
-"""Answering with a loaded vision-language model: prompts with images in, text out, batched."""
+"""Answering with a loaded vision-language model: prompts with images in, text out, batched.
+
+A Q-Former that reads instructions (InstructBLIP) gets, with every image of a prompt, the user turn
+being answered (data/instructions.py), so the visual tokens are extracted for the current question.
+"""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -7,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from ..data.instructions import current_instruction, pad_instructions
 from ..data.templates import IMAGE_TAG, ConversationTemplate, get_template, tokenize_conversation
 from ..models.assemble import LoadedVlm
 from .generate import GenerationConfig, cut_at_stop, generate, left_pad, stream_tokens
@@ -15,7 +20,9 @@ from .generate import GenerationConfig, cut_at_stop, generate, left_pad, stream_
 def prepare_prompts(loaded: LoadedVlm, template: ConversationTemplate, conversations: Sequence[list[dict]],
                     images: Sequence[Sequence[Image.Image]]) -> dict:
     """Left-padded prompt ids, mask and pixel values for conversations that end with a user turn.
-    `images[i]` are conversation i's images, in the order of its `<image>` tags."""
+    `images[i]` are conversation i's images, in the order of its `<image>` tags. For a connector that
+    reads instructions, also `qformer_input_ids` / `qformer_attention_mask` [I, Tq]: each image's
+    conversation's last user turn."""
     rows = [tokenize_conversation(loaded.tokenizer, template, c, add_generation_prompt=True,
                                   image_placeholder=loaded.placeholder) for c in conversations]
     for index, (row, imgs) in enumerate(zip(rows, images)):
@@ -24,7 +31,17 @@ def prepare_prompts(loaded: LoadedVlm, template: ConversationTemplate, conversat
     ids, mask = left_pad([r.input_ids for r in rows], loaded.tokenizer.pad_token_id)
     flat = [img for imgs in images for img in imgs]
     pixels = loaded.processor.normalize(torch.stack([loaded.processor.to_uint8(i) for i in flat])) if flat else None
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+    instructions = loaded.instruction_tokenizer() if flat else None
+    if instructions is not None:
+        per_image = [instructions.encode(current_instruction(conversation))
+                     for conversation, imgs in zip(conversations, images) for _ in imgs]
+        batch.update(pad_instructions(per_image, instructions.pad_token_id))
+    return batch
+
+
+def _instruction_inputs(batch: dict, device) -> dict:
+    return {key: batch[key].to(device) for key in ("qformer_input_ids", "qformer_attention_mask") if key in batch}
 
 
 @torch.no_grad()
@@ -40,7 +57,7 @@ def answer(loaded: LoadedVlm, conversations: Sequence[list[dict]], images: Seque
     for start in range(0, len(conversations), batch_size):
         batch = prepare_prompts(loaded, template, conversations[start:start + batch_size], images[start:start + batch_size])
         pixels = batch["pixel_values"].to(device) if batch["pixel_values"] is not None else None
-        embeds = model.embed(batch["input_ids"].to(device), pixels)
+        embeds = model.embed(batch["input_ids"].to(device), pixels, **_instruction_inputs(batch, device))
         out = generate(model.llm.model, embeds, batch["attention_mask"].to(device), cfg,
                        loaded.tokenizer.eos_token_id, loaded.tokenizer)
         replies += [t.strip() for t in out.texts]
@@ -76,7 +93,8 @@ class Chat:
         loaded, template = self.loaded, self.template or get_template(self.loaded.config.template, self.loaded.tokenizer)
         batch = prepare_prompts(loaded, template, [messages], [images])
         model = loaded.model.eval()
-        embeds = model.embed(batch["input_ids"], batch["pixel_values"])
+        embeds = model.embed(batch["input_ids"], batch["pixel_values"],
+                             **_instruction_inputs(batch, batch["input_ids"].device))
         tokens: list[int] = []
         shown = ""
         tokenizer = loaded.tokenizer

@@ -1,9 +1,10 @@
 """Build a VisionLanguageModel from its config, save the parts that changed, load it back, export it.
 
 A saved directory holds `vlm.yaml` (the config, the LoRA adapters present, which parts were fully
-trained) and `weights.safetensors` (the connector, the adapters and any fully trained part). The
-pretrained vision tower and LLM are referenced by path, so a stage checkpoint stays small;
-`export_vlm` writes a standalone directory with LoRA merged.
+trained), `weights.safetensors` (the connector, the adapters and any fully trained part) and, for a
+Q-Former that reads instructions, its tokenizer in `qformer_tokenizer/`. The pretrained vision tower
+and LLM are referenced by path, so a stage checkpoint stays small; `export_vlm` writes a standalone
+directory with LoRA merged.
 """
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ from transformers import AutoTokenizer
 
 from ..config import from_dict, to_dict
 from ..data.images import ImageProcessor
+from ..data.instructions import InstructionTokenizer
 from ..data.templates import IMAGE_TAG, ImagePlaceholder
 from ..io import atomic_write_text
+from .blip2_stage1 import load_stage1_into, load_text_tokenizer, stage1_model_dir, stage1_qformer_config
 from .connectors import ConnectorConfig, build_connector
 from .llm import LanguageModel
 from .lora import LoraSettings, inject_lora
@@ -28,6 +31,7 @@ from .vlm import VisionLanguageModel
 
 CONFIG_FILE = "vlm.yaml"
 WEIGHTS_FILE = "weights.safetensors"
+QFORMER_TOKENIZER_DIR = "qformer_tokenizer"  # the Q-Former's own tokenizer (where HF InstructBLIP keeps it too)
 # LLaVA's IMAGE_TOKEN_INDEX: a placeholder id outside every vocabulary, for tokenizers without an <image> token.
 FALLBACK_IMAGE_TOKEN_ID = -200
 
@@ -41,6 +45,9 @@ class VlmConfig:
     image_aspect: str = "pad"  # crop | pad (to a square with the mean colour, as LLaVA-1.5)
     template: str = "vicuna_v1"  # the conversation format used for chat and evaluation
     image_token_id: int | None = None  # None: the tokenizer's <image> token, else an id outside the vocabulary
+    # A Q-Former that reads instructions gets at most this many instruction tokens per image, start and
+    # end tokens included (longer ones keep their beginning); None: as many as it has text positions.
+    instruction_max_length: int | None = None
 
 
 @dataclass
@@ -56,6 +63,22 @@ class LoadedVlm:
     @property
     def placeholder(self) -> ImagePlaceholder:
         return ImagePlaceholder(self.model.image_token_id, self.model.num_image_tokens)
+
+    def instruction_tokenizer(self) -> InstructionTokenizer | None:
+        """How each image's instruction is tokenised for the Q-Former; None when the connector reads none."""
+        connector = self.model.connector
+        if not getattr(connector, "reads_instructions", False):
+            return None
+        if self.qformer_tokenizer is None:
+            raise ValueError("this model's Q-Former reads an instruction with each image (qformer.text_input: true) "
+                             "but has no tokenizer for it: start the connector from a BLIP-2 stage-1 model "
+                             "(connector.init), whose tokenizer it then uses, or give an imported model its "
+                             f"{QFORMER_TOKENIZER_DIR}/; a Q-Former that reads only images has text_input: false")
+        positions = connector.qformer.config.max_position_embeddings
+        limit = self.config.instruction_max_length or positions
+        if limit > positions:
+            raise ValueError(f"instruction_max_length {limit} exceeds the Q-Former's {positions} text positions")
+        return InstructionTokenizer(self.qformer_tokenizer, limit)
 
     def chat(self, image, text: str, **generation) -> str:
         """One question about one image (a PIL image, or None): `model.chat(image, "What is here?")`."""
@@ -77,8 +100,10 @@ def image_token_id(tokenizer) -> int:
 
 
 def build_vlm(cfg: VlmConfig, base_dir: str | Path | None = None, trust_remote_code: bool = False) -> LoadedVlm:
-    """Load the pretrained vision tower and LLM `cfg` names and a freshly initialised connector.
-    Relative paths are looked up under `base_dir` first (a saved model's own directory)."""
+    """Load the pretrained vision tower and LLM `cfg` names and a freshly initialised connector, or
+    one whose Q-Former starts from the BLIP-2 stage-1 model `cfg.connector.init` (the returned config
+    then holds the stage-1 sizes). Relative paths are looked up under `base_dir` first (a saved model's
+    own directory)."""
     vision_cfg = replace(cfg.vision, path=_resolve(cfg.vision.path, base_dir))
     vision = VisionTower.from_pretrained(vision_cfg, trust_remote_code=trust_remote_code)
     llm_path = _resolve(cfg.llm, base_dir)
@@ -87,14 +112,24 @@ def build_vlm(cfg: VlmConfig, base_dir: str | Path | None = None, trust_remote_c
     llm = LanguageModel.from_pretrained(llm_path, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(_resolve(cfg.tokenizer, base_dir) or llm_path,
                                               trust_remote_code=trust_remote_code)
-    connector = build_connector(cfg.connector, vision.hidden_size, llm.config.hidden_size)
+    connector_cfg, stage1_dir = cfg.connector, None
+    if connector_cfg.init:
+        stage1_dir = stage1_model_dir(_resolve(connector_cfg.init, base_dir))
+        connector_cfg = replace(connector_cfg, init=str(stage1_dir), qformer=stage1_qformer_config(
+            connector_cfg.qformer, stage1_dir, vision_cfg, vision.hidden_size))
+    connector = build_connector(connector_cfg, vision.hidden_size, llm.config.hidden_size)
+    qformer_tokenizer = None
+    if stage1_dir is not None:
+        load_stage1_into(connector.qformer, stage1_dir)
+        if connector.reads_instructions:  # with the ids stage 1 trained its text embeddings on
+            qformer_tokenizer = load_text_tokenizer(stage1_dir)
     token_id = cfg.image_token_id if cfg.image_token_id is not None else image_token_id(tokenizer)
     model = VisionLanguageModel(vision, connector, llm, token_id)
     processor = ImageProcessor.from_pretrained(vision_cfg.path, image_size=vision.image_size, aspect=cfg.image_aspect)
     if processor.size != vision.image_size:
         raise ValueError(f"the image processor crops to {processor.size} px but the vision tower expects "
                          f"{vision.image_size} px ({vision_cfg.path})")
-    return LoadedVlm(model, tokenizer, processor, cfg)
+    return LoadedVlm(model, tokenizer, processor, replace(cfg, connector=connector_cfg), qformer_tokenizer)
 
 
 def _resolve(path: str | None, base_dir: str | Path | None) -> str | None:
@@ -118,6 +153,8 @@ def save_vlm(loaded: LoadedVlm, directory: str | Path) -> Path:
     tmp = directory / f".{WEIGHTS_FILE}.tmp-{os.getpid()}"
     save_file(saved_state(model), tmp)
     os.replace(tmp, directory / WEIGHTS_FILE)
+    if loaded.qformer_tokenizer is not None:
+        loaded.qformer_tokenizer.save_pretrained(directory / QFORMER_TOKENIZER_DIR)
     meta = {"vlm": to_dict(loaded.config), "lora": {k: to_dict(v) for k, v in model.lora_parts.items()},
             "fully_trained": sorted(model.fully_trained)}
     atomic_write_text(directory / CONFIG_FILE, yaml.safe_dump(meta, sort_keys=False))
@@ -132,7 +169,13 @@ def load_vlm(directory: str | Path, trust_remote_code: bool = False) -> LoadedVl
         raise VlmLoadError(f"{directory} is not a bridgevlm model directory: {CONFIG_FILE} is missing")
     meta = yaml.safe_load(config_path.read_text(encoding="utf-8"))
     cfg = from_dict(VlmConfig, meta["vlm"], source=str(config_path))
-    loaded = build_vlm(cfg, base_dir=directory, trust_remote_code=trust_remote_code)
+    # The saved weights hold the whole connector: the stage-1 model it started from is not needed.
+    loaded = build_vlm(replace(cfg, connector=replace(cfg.connector, init=None)), base_dir=directory,
+                       trust_remote_code=trust_remote_code)
+    loaded.config = cfg
+    if (directory / QFORMER_TOKENIZER_DIR).is_dir():
+        loaded.qformer_tokenizer = AutoTokenizer.from_pretrained(str(directory / QFORMER_TOKENIZER_DIR),
+                                                                 trust_remote_code=trust_remote_code)
     model = loaded.model
     for part, settings in meta.get("lora", {}).items():
         lora = from_dict(LoraSettings, settings, source=f"{config_path}: lora.{part}")
@@ -169,5 +212,5 @@ def export_vlm(loaded: LoadedVlm, directory: str | Path) -> Path:
     config = replace(loaded.config, vision=replace(loaded.config.vision, path="vision"), llm="llm", tokenizer=None,
                      image_token_id=model.image_token_id)
     model.fully_trained = set()  # the parts now live in vision/ and llm/
-    save_vlm(LoadedVlm(model, loaded.tokenizer, loaded.processor, config), directory)
+    save_vlm(LoadedVlm(model, loaded.tokenizer, loaded.processor, config, loaded.qformer_tokenizer), directory)
     return directory

@@ -1,39 +1,36 @@
 """BLIP-2 stage 1: a Q-Former learns to read a frozen vision tower from image-caption pairs (ITC, ITM
 and ITG), is evaluated by image<->text retrieval, and is saved for stage 2 to start from.
 
-`run_dir/model` holds `config.json` (the Q-Former's, the objectives' and the vision tower's
-configs), `model.safetensors` (Q-Former, projections, ITM head, temperature) and the tokenizer the
-Q-Former's vocabulary follows; `load_stage1_qformer(dir)` rebuilds the Q-Former from it alone.
+`run_dir/model` is a stage-1 model directory (models/blip2_stage1.py): `load_stage1_qformer(dir)`
+rebuilds the Q-Former from it alone, and a `vlm` recipe's `connector.init` starts stage 2 from it.
 """
 from __future__ import annotations
 
 import functools
 import json
-import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
-from transformers import AutoTokenizer
 
-from ..config import from_dict, save_config, to_dict
+from ..config import follow_fields, save_config, to_dict
 from ..data.captions import caption_pairs, encode_text, pad_texts
 from ..data.feature_cache import FeatureCache
 from ..data.images import ImageProcessor, load_image
 from ..eval.qformer_retrieval import QFormerRetrievalConfig, caption_retrieval
 from ..io import write_json
 from ..models.blip2_pretrain import Blip2PretrainConfig, QFormerPretrainer
+# The saved model's format lives with the models (a VLM's connector loads it); re-exported here.
+from ..models.blip2_stage1 import (MODEL_CONFIG, MODEL_WEIGHTS, Stage1Config, load_stage1_config,  # noqa: F401
+                                   load_stage1_pretrainer, load_stage1_qformer, load_text_tokenizer, save_stage1)
 from ..models.connectors.qformer import QFormer, QFormerConfig
 from ..models.vision import VisionTower, VisionTowerConfig
 from ..train.distributed import DistContext, barrier, init_distributed
 from ..train.loop import TrainConfig, seed_everything, train_stage
 from .backbones import SHIPPED
-
-MODEL_CONFIG, MODEL_WEIGHTS = "config.json", "model.safetensors"
 
 
 def _embedded_qformer() -> QFormerConfig:
@@ -70,46 +67,12 @@ class Blip2Stage1Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-@dataclass
-class Stage1Config:
-    """`config.json` of a saved stage-1 model: enough to rebuild it from the directory alone."""
-    qformer: QFormerConfig = field(default_factory=QFormerConfig)
-    objectives: Blip2PretrainConfig = field(default_factory=Blip2PretrainConfig)
-    vision: VisionTowerConfig = field(default_factory=VisionTowerConfig)
-
-
 # ------------------------------------------------------------------------------------------------
 # Text, data and model
 # ------------------------------------------------------------------------------------------------
 
-def load_text_tokenizer(path: str | Path):
-    """The Q-Former's tokenizer. BERT's [CLS] and [SEP] take the BOS and EOS roles `encode_text`
-    writes, so either way a text starts with the summary token ITC reads (and ITG swaps for [DEC])."""
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    if tokenizer.bos_token_id is None and tokenizer.cls_token_id is not None:
-        tokenizer.bos_token = tokenizer.cls_token
-    if tokenizer.eos_token_id is None and tokenizer.sep_token_id is not None:
-        tokenizer.eos_token = tokenizer.sep_token
-    missing = [name for name in ("bos_token", "eos_token", "pad_token") if getattr(tokenizer, f"{name}_id") is None]
-    if missing:
-        raise ValueError(f"the tokenizer at {path} has no {', '.join(missing)} (nor BERT's [CLS]/[SEP]); "
-                         "the Q-Former needs a first summary token, an end token and padding")
-    return tokenizer
-
-
 def tokenizer_path(recipe: Blip2Stage1Recipe) -> str:
     return recipe.tokenizer or recipe.bert or str(SHIPPED / "tokenizer")
-
-
-def _follow(cfg, section: str, derived: dict[str, tuple[object, str]]):
-    """`cfg` with the fields in `derived` (name -> (value, what decides it)) filled in. A field set
-    to neither its default nor the derived value is a mistake, named rather than overwritten."""
-    defaults = type(cfg)()
-    for name, (value, reason) in derived.items():
-        given = getattr(cfg, name)
-        if given != value and given != getattr(defaults, name):
-            raise ValueError(f"{section}.{name} is {given}, but it follows {reason} ({value}); leave it unset")
-    return replace(cfg, **{name: value for name, (value, _) in derived.items()})
 
 
 def build_pretrainer(recipe: Blip2Stage1Recipe, tokenizer, vision: nn.Module | None,
@@ -117,11 +80,11 @@ def build_pretrainer(recipe: Blip2Stage1Recipe, tokenizer, vision: nn.Module | N
     """A fresh (or BERT-initialised) Q-Former with its stage-1 heads. The vocabulary is the
     tokenizer's plus [DEC] at id len(tokenizer), which no text token can take."""
     size = len(tokenizer)
-    qformer_cfg = _follow(recipe.qformer, "qformer", {
+    qformer_cfg = follow_fields(recipe.qformer, "qformer", {
         "vocab_size": (size + 1, f"the tokenizer: {size} tokens + [DEC]"),
         "pad_token_id": (tokenizer.pad_token_id, "the tokenizer's padding"),
         "vision_width": (vision_width, "the vision tower's width")})
-    objectives = _follow(recipe.objectives, "objectives", {
+    objectives = follow_fields(recipe.objectives, "objectives", {
         "dec_token_id": (size, "the tokenizer: [DEC] comes after its last token"),
         "cls_token_id": (tokenizer.bos_token_id, "the tokenizer's first token of every text")})
     if recipe.bert:
@@ -201,53 +164,6 @@ def _eval_images(paths: Sequence[Path], cache: FeatureCache | None, processor: I
     if cache is not None:
         return torch.stack([cache.get(p) for p in paths])
     return processor.normalize(torch.stack([processor.to_uint8(load_image(p)) for p in paths]))
-
-
-# ------------------------------------------------------------------------------------------------
-# The saved model
-# ------------------------------------------------------------------------------------------------
-
-def save_stage1(model: QFormerPretrainer, vision: VisionTowerConfig, tokenizer, directory: str | Path) -> Path:
-    """Everything but the frozen tower (referenced by path); weights first, the config marks a complete save."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()
-             if not name.startswith("vision.")}
-    tmp = directory / f".{MODEL_WEIGHTS}.tmp-{os.getpid()}"
-    save_file(state, tmp)
-    os.replace(tmp, directory / MODEL_WEIGHTS)
-    tokenizer.save_pretrained(directory)
-    write_json(directory / MODEL_CONFIG, to_dict(Stage1Config(model.qformer.config, model.config, vision)))
-    return directory
-
-
-def load_stage1_config(directory: str | Path) -> Stage1Config:
-    path = Path(directory) / MODEL_CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory} is not a BLIP-2 stage-1 model directory: {MODEL_CONFIG} is missing")
-    return from_dict(Stage1Config, json.loads(path.read_text(encoding="utf-8")), source=str(path))
-
-
-def load_stage1_pretrainer(directory: str | Path, vision: nn.Module | None = None) -> QFormerPretrainer:
-    """The saved Q-Former with its projections and heads; `vision` (e.g. the tower named in the
-    config) is needed only to feed it pixels rather than features."""
-    cfg = load_stage1_config(directory)
-    model = QFormerPretrainer(vision, QFormer(cfg.qformer), cfg.objectives)
-    path = Path(directory) / MODEL_WEIGHTS
-    missing, unexpected = model.load_state_dict(load_file(path), strict=False)
-    missing = [name for name in missing if not name.startswith("vision.")]  # the tower is referenced, not saved
-    if missing or unexpected:
-        raise ValueError(f"{path} does not match {MODEL_CONFIG}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return model
-
-
-def load_stage1_qformer(directory: str | Path) -> QFormer:
-    """The trained Q-Former alone (queries, layers, text embeddings, LM head), for stage 2 to start from."""
-    cfg = load_stage1_config(directory)
-    qformer = QFormer(cfg.qformer)
-    state = load_file(Path(directory) / MODEL_WEIGHTS)
-    qformer.load_state_dict({k.removeprefix("qformer."): v for k, v in state.items() if k.startswith("qformer.")})
-    return qformer
 
 
 # ------------------------------------------------------------------------------------------------

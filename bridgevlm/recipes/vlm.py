@@ -41,7 +41,9 @@ class StageData:
 @dataclass
 class Stage:
     name: str = "stage"
-    init: str = "previous"  # previous | base (fresh connector on the pretrained parts) | a saved model directory
+    # previous | base (the pretrained parts and a fresh connector, or one starting from model.connector.init)
+    # | a saved model directory
+    init: str = "previous"
     trainable: Trainability = field(default_factory=Trainability)
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: StageData = field(default_factory=StageData)
@@ -110,13 +112,17 @@ def run_stage(loaded: LoadedVlm, stage: Stage, out: Path, progress: bool = True,
     records = read_conversations(stage.data.path)
     images = ImageSource(Path(stage.data.image_folder), loaded.processor, loaded.placeholder,
                          _feature_cache(loaded, stage, records, out, progress, dist))
+    instructions = loaded.instruction_tokenizer()  # InstructBLIP: each image's turn also goes to the Q-Former
     dataset = ConversationDataset(records, loaded.tokenizer, template, stage.data.max_length, source=stage.data.path,
-                                  pretokenize=stage.data.pretokenize, images=images)
+                                  pretokenize=stage.data.pretokenize, images=images, instructions=instructions)
     data_report = dataset.supervision_report()
-    logger.info("stage %s data: %d samples, %.1f%% of %d tokens supervised", stage.name, data_report["samples"],
-                100 * data_report["supervised_share"], data_report["tokens"])
-    result = train_stage(model, dataset, PadCollator(loaded.tokenizer.pad_token_id, loaded.processor), stage.train,
-                         out, eval_fn=eval_fn if stage.train.eval_every else None, dist=dist,
+    logger.info("stage %s data: %d samples, %.1f%% of %d tokens supervised%s", stage.name, data_report["samples"],
+                100 * data_report["supervised_share"], data_report["tokens"],
+                f"; Q-Former instructions of at most {instructions.max_length} tokens" if instructions else "")
+    collator = PadCollator(loaded.tokenizer.pad_token_id, loaded.processor,
+                           instruction_pad_token_id=instructions.pad_token_id if instructions else 0)
+    result = train_stage(model, dataset, collator, stage.train, out,
+                         eval_fn=eval_fn if stage.train.eval_every else None, dist=dist,
                          config_to_save=to_dict(stage), progress=progress)
     if stage.gradient_checkpointing:
         model.llm.set_activation_checkpointing(False)

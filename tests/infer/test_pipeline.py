@@ -1,4 +1,5 @@
-"""Answering with a VLM: batched == alone, streamed chat == generate, the terminal chat, the CLI round trip."""
+"""Answering with a VLM: batched == alone, streamed chat == generate, the terminal chat, the CLI round trip,
+and a Q-Former that reads the question being answered."""
 from __future__ import annotations
 
 import io
@@ -12,7 +13,8 @@ import bridgevlm
 from bridgevlm.cli import main
 from bridgevlm.config import from_dict
 from bridgevlm.infer.generate import GenerationConfig
-from bridgevlm.infer.pipeline import Chat, answer
+from bridgevlm.data.templates import get_template
+from bridgevlm.infer.pipeline import Chat, answer, prepare_prompts
 from bridgevlm.infer.terminal import run_terminal_chat
 from bridgevlm.models.assemble import VlmConfig, build_vlm, save_vlm
 
@@ -99,3 +101,42 @@ def test_cli_export_convert_eval(saved_vlm, shapes_world, tmp_path, capsys):
     metrics = json.loads(capsys.readouterr().out)
     assert {"held_in_mean", "held_out_mean"} <= set(metrics["vqa"]) and "blind" in metrics
     assert main(["chat", str(tmp_path / "missing")]) == 2
+
+
+def test_a_qformer_that_reads_instructions_gets_the_user_turn_being_answered(qformer_parts, shapes_world,
+                                                                              connector_calls, single_thread):
+    loaded = build_vlm(from_dict(VlmConfig, qformer_parts))
+    torch.manual_seed(0)
+    with torch.no_grad():  # decisive logits (a random tiny LM is nearly uniform), and a Q-Former whose
+        loaded.model.llm.model.lm_head.weight.mul_(30)  # queries heed the text, as a trained one's do
+        loaded.model.connector.language_projection.weight.mul_(30)
+        for param in loaded.model.connector.qformer.parameters():
+            param.add_(torch.randn_like(param) * 0.3)
+    image = Image.open(shapes_world / "images/test/test_000000.png")
+    chat = Chat(loaded, image, GenerationConfig(max_new_tokens=2))
+    chat.ask("What colour is the circle?")
+    chat.ask("How many squares are there?")
+    assert connector_calls.texts(loaded.qformer_tokenizer) == [["What colour is the circle?"],
+                                                               ["How many squares are there?"]]
+    # batched prompts: each image gets its own conversation's question, padded; the answers equal lone ones
+    conversations = [[{"from": "human", "value": "<image>\nIs there a yellow diamond?"}],
+                     [{"from": "human", "value": "Say something."}],
+                     [{"from": "human", "value": "<image>\nWhat shape?"}, {"from": "gpt", "value": "a star"},
+                      {"from": "human", "value": "And its colour?"}]]
+    pictures = [[image], [], [Image.open(shapes_world / "images/test/test_000001.png")]]
+    cfg = GenerationConfig(max_new_tokens=4)
+    batched = answer(loaded, conversations, pictures, cfg)
+    assert connector_calls.texts(loaded.qformer_tokenizer)[-1] == ["Is there a yellow diamond?", "And its colour?"]
+    assert batched == [answer(loaded, [c], [p], cfg)[0] for c, p in zip(conversations, pictures)]
+    # the same prompt with another instruction: other visual tokens, other next-token logits
+    batch = prepare_prompts(loaded, get_template(loaded.config.template), conversations[:1], pictures[:1])
+    other = torch.tensor([loaded.instruction_tokenizer().encode("What colour is the circle?")])
+    model = loaded.model.eval()
+    is_image = batch["input_ids"][0] == model.image_token_id
+    with torch.no_grad():
+        embeds = {name: model.embed(batch["input_ids"], batch["pixel_values"], qformer_input_ids=ids)
+                  for name, ids in (("asked", batch["qformer_input_ids"]), ("other", other))}
+        logits = {name: model.llm.model(inputs_embeds=e, attention_mask=batch["attention_mask"]).logits[0, -1]
+                  for name, e in embeds.items()}
+    visual_change = (embeds["asked"] - embeds["other"])[0, is_image].norm() / embeds["asked"][0, is_image].norm()
+    assert visual_change > 0.1 and not torch.allclose(logits["asked"], logits["other"])

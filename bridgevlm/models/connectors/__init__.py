@@ -18,6 +18,15 @@ class ConnectorConfig:
     kind: str = "mlp2x_gelu"  # linear | mlp{N}x_gelu | qformer
     pool: int = 0  # mlp kinds: average-pool the square patch grid to pool x pool tokens first; 0 keeps every patch
     qformer: QFormerConfig = field(default_factory=QFormerConfig)  # kind qformer: the Q-Former's sizes
+    # kind qformer: a finished BLIP-2 stage-1 run (or its model/ directory) whose Q-Former this one
+    # starts from, architecture and weights (the language projection starts fresh). Loaded when the
+    # VLM is built fresh (a stage's `init: base`); a saved VLM holds the whole connector and ignores it.
+    init: str | None = None
+
+    def __post_init__(self):
+        if self.init and _family(self.kind) != "qformer":
+            raise ValueError(f"connector.init starts a Q-Former from a BLIP-2 stage-1 model, but the connector is "
+                             f"{self.kind!r}; use kind: qformer or leave init unset")
 
 
 def _build_mlp(cfg: ConnectorConfig, vision_hidden: int, llm_hidden: int) -> nn.Module:
