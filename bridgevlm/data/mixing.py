@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch.utils.data import Sampler
 
+from ..train.sampler import EpochShare
+
 # Seed-sequence tags keep the dataset choices and each dataset's permutations independent streams.
 _CHOICE_STREAM = 0
 _PERMUTATION_STREAM = 1
@@ -52,7 +54,7 @@ def mixing_probabilities(sizes: Mapping[str, int], weights: Mapping[str, float] 
     return {name: value / total for name, value in raw.items()}
 
 
-class MixtureSampler(Sampler[int]):
+class MixtureSampler(EpochShare, Sampler[int]):
     """Yields this rank's share of a square-root-balanced draw sequence, one epoch at a time.
 
     The same contract as `train.sampler.ResumableSampler`: the global sequence of epoch `e` is a
@@ -69,8 +71,6 @@ class MixtureSampler(Sampler[int]):
     def __init__(self, sizes: Mapping[str, int], mix: DatasetMix | None = None, rank: int = 0, world_size: int = 1):
         mix = mix or DatasetMix()
         probabilities = mixing_probabilities(sizes, mix.weights)
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
         self.names = list(sizes)
         self.sizes = np.array([sizes[name] for name in self.names], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
@@ -79,27 +79,7 @@ class MixtureSampler(Sampler[int]):
         if self.samples_per_epoch < 1:
             raise ValueError(f"samples_per_epoch must be >= 1, got {self.samples_per_epoch}")
         self.seed = mix.seed
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
-        self.start = 0
-
-    def __len__(self) -> int:
-        return self.share - self.start
-
-    @property
-    def share(self) -> int:
-        """Draws per rank in a full epoch (padding included)."""
-        return math.ceil(self.samples_per_epoch / self.world_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.start = 0
-
-    def set_start(self, start: int) -> None:
-        if not 0 <= start <= self.share:
-            raise ValueError(f"start {start} is outside this rank's share [0, {self.share}]")
-        self.start = start
+        super().__init__(self.samples_per_epoch, rank, world_size)
 
     def _choices(self, epoch: int) -> np.ndarray:
         """Dataset index of each draw of `epoch` [samples_per_epoch]."""
@@ -131,9 +111,7 @@ class MixtureSampler(Sampler[int]):
     def draws(self) -> tuple[np.ndarray, np.ndarray]:
         """This rank's (dataset_index, sample_index) for the current epoch, after the start offset."""
         choices, samples = self.global_draws()
-        total = self.share * self.world_size
-        take = np.arange(total) % self.samples_per_epoch  # pad by repeating the start
-        take = take[self.rank::self.world_size][self.start:]
+        take = np.asarray(self.positions(), dtype=np.int64)
         return choices[take], samples[take]
 
     def indices(self) -> list[int]:

@@ -47,7 +47,49 @@ class LengthGrouping:
         return [i for group in shuffled for i in group] + tail
 
 
-class ResumableSampler(Sampler[int]):
+class EpochShare:
+    """A rank's share of an epoch of `total` draws: the resume contract the training loop drives.
+
+    The epoch's sequence is padded by repeating its start until it divides by `world_size` (as
+    `DistributedSampler(drop_last=False)` does) and rank `r` takes every `world_size`-th item from
+    `r`. `set_start(n)` skips this rank's first `n` (exact mid-epoch resume); `set_epoch` resets it
+    to 0, so call `set_epoch` first.
+    """
+
+    def __init__(self, total: int, rank: int = 0, world_size: int = 1):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
+        self.total = total
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.start = 0
+
+    @property
+    def share(self) -> int:
+        """Items per rank in a full epoch (padding included)."""
+        return math.ceil(self.total / self.world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.start = 0
+
+    def set_start(self, start: int) -> None:
+        if not 0 <= start <= self.share:
+            raise ValueError(f"start {start} is outside this rank's share [0, {self.share}]")
+        self.start = start
+
+    def positions(self) -> list[int]:
+        """Positions in the epoch's (unpadded) sequence that this rank takes, after the start offset."""
+        if not self.total:
+            return []
+        return [i % self.total for i in range(self.share * self.world_size)][self.rank::self.world_size][self.start:]
+
+    def __len__(self) -> int:
+        return self.share - self.start
+
+
+class ResumableSampler(EpochShare, Sampler[int]):
     """Yields this rank's share of a permutation of `range(length)`, one epoch at a time.
 
     Epoch `e` shuffles with a `torch.Generator` seeded `seed + e`, so the order is a function of
@@ -70,32 +112,13 @@ class ResumableSampler(Sampler[int]):
     ):
         if length < 0:
             raise ValueError(f"length must be >= 0, got {length}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
+        super().__init__(length, rank, world_size)
         self.length = length
-        self.rank = rank
-        self.world_size = world_size
         self.seed = seed
         self.shuffle = shuffle
         if grouping is not None and len(grouping.lengths) != length:
             raise ValueError(f"grouping has {len(grouping.lengths)} lengths for a dataset of {length}")
         self.grouping = grouping
-        self.epoch = 0
-        self.start = 0
-
-    @property
-    def share(self) -> int:
-        """Indices per rank in a full epoch (padding included)."""
-        return math.ceil(self.length / self.world_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.start = 0
-
-    def set_start(self, start: int) -> None:
-        if not 0 <= start <= self.share:
-            raise ValueError(f"start {start} is outside this rank's share [0, {self.share}]")
-        self.start = start
 
     def indices(self) -> list[int]:
         """This rank's indices for the current epoch, after the start offset."""
@@ -106,13 +129,7 @@ class ResumableSampler(Sampler[int]):
                 perm = self.grouping.order(perm, generator)
         else:
             perm = list(range(self.length))
-        total = self.share * self.world_size
-        while len(perm) < total and perm:
-            perm += perm[: total - len(perm)]
-        return perm[self.rank :: self.world_size][self.start :]
+        return [perm[i] for i in self.positions()]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices())
-
-    def __len__(self) -> int:
-        return self.share - self.start
