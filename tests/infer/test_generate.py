@@ -49,7 +49,7 @@ def test_greedy_matches_transformers_generate(shipped):
 
 
 @pytest.mark.parametrize("cfg", [GenerationConfig(max_new_tokens=40),
-                                 GenerationConfig(max_new_tokens=30, num_beams=3, length_penalty=0.8)],
+                                 GenerationConfig(max_new_tokens=30, num_beams=3, length_penalty=1.5)],
                          ids=["greedy", "beam"])
 def test_batched_left_padded_equals_one_at_a_time(shipped, cfg):
     lm, tokenizer = shipped
