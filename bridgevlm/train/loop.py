@@ -36,7 +36,7 @@ from bridgevlm.train.optim import (
     build_scheduler,
     describe_trainable,
 )
-from bridgevlm.train.sampler import LengthGrouping, ResumableSampler
+from bridgevlm.train.sampler import EpochShare, LengthGrouping, ResumableSampler
 from bridgevlm.train.sharding import FsdpStage
 
 logger = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ def train_stage(
     config_to_save: dict | None = None,
     stop_after_steps: int | None = None,
     progress: bool = True,
+    sampler: EpochShare | None = None,
 ) -> TrainResult:
     """Train the parameters of `model` that require grad on `dataset`, resuming from the latest
     checkpoint under `run_dir/checkpoints` if there is one.
@@ -97,7 +98,9 @@ def train_stage(
     every target weighs the same however targets are spread over micro-batches and ranks.
     A resumed run is bit-identical to an uninterrupted one (same batch layout and world size).
     `stop_after_steps` ends the call once that global step is reached, after saving a checkpoint
-    (an interruption; the final evaluation is skipped).
+    (an interruption; the final evaluation is skipped). `sampler` replaces the default
+    (seed, epoch)-shuffled one with this rank's share of another draw, e.g. a `MixtureSampler`
+    over a ConcatDataset; it follows `EpochShare`'s contract, so resume stays exact.
 
     Writes `run_dir/metrics.jsonl` (one JSON line per log) and
     `run_dir/checkpoints/step_<N:08d>/` with the trainable parameters, optimiser, scheduler, RNG
@@ -119,8 +122,14 @@ def train_stage(
     # Data: this rank's share of a (seed, epoch)-determined permutation.
     if len(dataset) == 0:
         raise ValueError("the dataset is empty; nothing to train on")
-    grouping = _length_grouping(dataset, cfg.batch_size * dist.world_size) if cfg.group_by_length else None
-    sampler = ResumableSampler(len(dataset), dist.rank, dist.world_size, seed=cfg.seed, grouping=grouping)
+    if sampler is None:
+        grouping = _length_grouping(dataset, cfg.batch_size * dist.world_size) if cfg.group_by_length else None
+        sampler = ResumableSampler(len(dataset), dist.rank, dist.world_size, seed=cfg.seed, grouping=grouping)
+    elif cfg.group_by_length:
+        raise ValueError("group_by_length orders the default sampler's draws; it cannot reorder a given sampler")
+    elif (sampler.rank, sampler.world_size) != (dist.rank, dist.world_size):
+        raise ValueError(f"the sampler was built for rank {sampler.rank} of {sampler.world_size}, "
+                         f"but this process is rank {dist.rank} of {dist.world_size}")
     if cfg.batch_size > sampler.share:
         raise ValueError(
             f"batch_size {cfg.batch_size} is larger than this rank's share of the dataset "

@@ -183,3 +183,49 @@ def _plain_batches(data, batch_size, steps):
     order = sampler.indices()
     lengths = data.lengths()
     return [sorted(lengths[i] for i in order[s * batch_size:(s + 1) * batch_size]) for s in range(steps)]
+
+
+def test_a_given_sampler_drives_the_data_and_resumes_exactly(tmp_path):
+    from torch.utils.data import ConcatDataset
+
+    from bridgevlm.data.mixing import DatasetMix, MixtureSampler
+
+    small, large = toy_dataset(8, seed=1), toy_dataset(40, seed=2)
+    data = ConcatDataset([small, large])
+    mix = DatasetMix(weights={"small": 3.0}, seed=5, samples_per_epoch=24)
+
+    def sampler():
+        return MixtureSampler({"small": len(small), "large": len(large)}, mix)
+
+    seen = []
+
+    def recording_collate(samples):
+        seen.extend(samples)
+        return collate(samples)
+
+    kwargs = dict(batch_size=4, max_steps=10, log_every=5)
+    whole = ToyLM()
+    train_stage(whole, data, recording_collate, toy_config(**kwargs), tmp_path / "whole", progress=False,
+                sampler=sampler())
+    # the loop took exactly the sampler's draws, epoch after epoch (6 batches of 4 per epoch)
+    expected = []
+    for epoch in range(2):
+        draw = sampler()
+        draw.set_epoch(epoch)
+        expected += [data[i] for i in draw.indices()]
+    assert len(seen) == 40
+    assert all(torch.equal(a["tokens"], b["tokens"]) for a, b in zip(seen, expected[:40]))
+
+    train_stage(ToyLM(), data, collate, toy_config(**kwargs), tmp_path / "split", stop_after_steps=7,
+                progress=False, sampler=sampler())
+    resumed = ToyLM(seed=99)
+    train_stage(resumed, data, collate, toy_config(**kwargs), tmp_path / "split", progress=False, sampler=sampler())
+    for name, value in _params(whole).items():
+        assert torch.equal(_params(resumed)[name], value), name
+
+    with pytest.raises(ValueError, match="cannot reorder a given sampler"):
+        train_stage(ToyLM(), data, collate, toy_config(group_by_length=True, **kwargs), tmp_path / "g",
+                    progress=False, sampler=sampler())
+    other_rank = MixtureSampler({"small": len(small), "large": len(large)}, mix, rank=1, world_size=2)
+    with pytest.raises(ValueError, match="built for rank 1 of 2"):
+        train_stage(ToyLM(), data, collate, toy_config(**kwargs), tmp_path / "r", progress=False, sampler=other_rank)
