@@ -20,6 +20,8 @@ EXAMPLES = """examples:
   bridgevlm eval lm bridgevlm/assets/backbones/lm --world runs/quickstart/world
   bridgevlm train configs/shapes/llava.yaml --out runs/llava world=runs/quickstart/world
   bridgevlm eval vlm runs/llava --world runs/quickstart/world
+  bridgevlm train configs/shapes/blip2_stage1.yaml --out runs/blip2_stage1 world=runs/quickstart/world
+  bridgevlm train configs/shapes/blip2.yaml --out runs/blip2 world=runs/quickstart/world model.connector.init=runs/blip2_stage1
   bridgevlm chat runs/llava --image runs/quickstart/world/images/test/test_000000.png
   bridgevlm export runs/llava --out exported/llava-shapes            (LoRA merged, standalone)
   bridgevlm export runs/llava --out exported/llava-hf --format llava (a transformers Llava directory)
