@@ -23,9 +23,7 @@ from ..data.images import ImageProcessor, load_image
 from ..eval.qformer_retrieval import QFormerRetrievalConfig, caption_retrieval
 from ..io import write_json
 from ..models.blip2_pretrain import Blip2PretrainConfig, QFormerPretrainer
-# The saved model's format lives with the models (a VLM's connector loads it); re-exported here.
-from ..models.blip2_stage1 import (MODEL_CONFIG, MODEL_WEIGHTS, Stage1Config, load_stage1_config,  # noqa: F401
-                                   load_stage1_pretrainer, load_stage1_qformer, load_text_tokenizer, save_stage1)
+from ..models.blip2_stage1 import load_text_tokenizer, save_stage1
 from ..models.connectors.qformer import QFormer, QFormerConfig
 from ..models.vision import VisionTower, VisionTowerConfig
 from ..train.distributed import DistContext, barrier, init_distributed

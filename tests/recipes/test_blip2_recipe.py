@@ -17,8 +17,9 @@ from bridgevlm.data.captions import caption_pairs
 from bridgevlm.data.images import ImageProcessor, load_image
 from bridgevlm.eval.qformer_retrieval import caption_retrieval
 from bridgevlm.models.vision import VisionTower
-from bridgevlm.recipes.blip2 import (Blip2Stage1Recipe, build_pretrainer, load_stage1_config, load_stage1_pretrainer,
-                                     load_stage1_qformer, load_text_tokenizer, run_blip2_stage1)
+from bridgevlm.models.blip2_stage1 import (load_stage1_config, load_stage1_pretrainer, load_stage1_qformer,
+                                           load_text_tokenizer)
+from bridgevlm.recipes.blip2 import Blip2Stage1Recipe, build_pretrainer, run_blip2_stage1
 from bridgevlm.recipes.registry import load_recipe, run_recipe_file
 
 pytestmark = pytest.mark.usefixtures("single_thread")
