@@ -227,3 +227,18 @@ def test_same_seed_gives_the_same_first_step_loss(shapes_world, world_tokenizer_
     other = tiny.lm(shapes_world, world_tokenizer_dir, max_steps=1, log_every=1, seed=1)
     run_lm(other, tmp_path / "other_seed", progress=False)
     assert [line["loss"] for line in _lines(tmp_path / "other_seed") if "loss" in line][0] != losses[0]
+
+
+def test_curriculum_config_errors_name_the_phase_field(tiny, shapes_world, world_tokenizer_dir, tmp_path):
+    from bridgevlm.config import ConfigError, from_dict
+    from bridgevlm.recipes.lm import LmRecipe
+
+    with pytest.raises(ConfigError, match=r"curriculum\[0\]\.max_step'.*did you mean 'max_steps'"):
+        from_dict(LmRecipe, {"curriculum": [{"name": "a", "max_step": 3}]}, "lm.yaml")
+    recipe = tiny.lm(shapes_world, world_tokenizer_dir, max_steps=1)
+    recipe.curriculum = [LmPhase(name="same", max_steps=1), LmPhase(name="same", max_steps=1)]
+    with pytest.raises(ValueError, match="phase names must be distinct"):
+        run_lm(recipe, tmp_path, progress=False)
+    recipe.curriculum = [LmPhase(name="odd", max_steps=1, families=["colours"])]
+    with pytest.raises(ValueError, match="unknown question families \\['colours'\\]"):
+        run_lm(recipe, tmp_path / "families", progress=False)
