@@ -3,11 +3,14 @@
 The parts map one to one: the vision model's last layer after its `post_layernorm`, CLS token
 included, is what HF feeds the Q-Former (VisionTower with feature_layer -1, select "full",
 post_norm); the query tokens, Q-Former and language projection become a QFormerConnector; the
-causal LM is wrapped as it is. HF's placeholder convention is already bridgevlm's: each image is
+language model is wrapped as it is: a decoder-only one (OPT, Llama) as a LanguageModel, an
+encoder-decoder one (FlanT5) as a Seq2SeqLanguageModel, HF's `language_model.*` becoming
+`llm.model.*` either way. HF's placeholder convention is already bridgevlm's: each image is
 `num_query_tokens` copies of `image_token_index` in `input_ids`, filled in reading order, so the
-same ids give the same logits. InstructBLIP's instruction (the prompt, tokenised with the
-Q-Former's own BERT tokenizer) goes in as `qformer_input_ids` / `qformer_attention_mask`.
-Only decoder-only language models (OPT, Llama, ...) are supported; FlanT5 variants are refused.
+same ids give the same logits. With FlanT5 those ids are the encoder's input and the logits are the
+decoder's, given the same `decoder_input_ids` (or labels, shifted right). InstructBLIP's instruction
+(the prompt, tokenised with the Q-Former's own BERT tokenizer) goes in as `qformer_input_ids` /
+`qformer_attention_mask`.
 
 Images: BLIP's processor resizes straight to a square (no crop); bridgevlm's ImageProcessor keeps the
 aspect ratio and centre-crops, which is the same on square images and close on others.
@@ -18,13 +21,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Blip2ForConditionalGeneration,
-                          InstructBlipForConditionalGeneration)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer,
+                          Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration)
 
 from ..data.images import ImageProcessor
 from ..models.assemble import FALLBACK_IMAGE_TOKEN_ID, QFORMER_TOKENIZER_DIR, LoadedVlm, VlmConfig, image_token_id
 from ..models.connectors import ConnectorConfig, QFormer, QFormerConnector
 from ..models.llm import LanguageModel
+from ..models.seq2seq_llm import Seq2SeqLanguageModel
 from ..models.vision import VisionTower, VisionTowerConfig
 from ..models.vlm import VisionLanguageModel
 from . import qformer_keys
@@ -54,14 +58,15 @@ _FAMILIES = {"blip-2": _Family("BLIP-2", "import_blip2", Blip2ForConditionalGene
 
 
 def import_blip2(path: str | Path, trust_remote_code: bool = False) -> LoadedVlm:
-    """Load a HF `Blip2ForConditionalGeneration` directory (decoder-only LLM) as a bridgevlm model
-    with identical outputs: `model.logits(ids, mask, pixels)` equals HF's logits on the same ids."""
+    """Load a HF `Blip2ForConditionalGeneration` directory (OPT/Llama or FlanT5 LLM) as a bridgevlm model
+    with identical outputs: `model.logits(ids, mask, pixels)` equals HF's logits on the same ids (with
+    FlanT5, `model.logits(ids, mask, pixels, decoder_input_ids=...)` equals HF's given those ids)."""
     return _import(path, "blip-2", trust_remote_code)
 
 
 def import_instructblip(path: str | Path, trust_remote_code: bool = False) -> LoadedVlm:
-    """Load a HF `InstructBlipForConditionalGeneration` directory (decoder-only LLM) as a bridgevlm
-    model with identical outputs given the same `qformer_input_ids` / `qformer_attention_mask`. The
+    """Load a HF `InstructBlipForConditionalGeneration` directory (OPT/Llama/Vicuna or FlanT5 LLM) as a
+    bridgevlm model with identical outputs given the same `qformer_input_ids` / `qformer_attention_mask`. The
     Q-Former's tokenizer, when saved (in `qformer_tokenizer/`), is `loaded.qformer_tokenizer`."""
     loaded = _import(path, "instructblip", trust_remote_code)
     loaded.qformer_tokenizer = _tokenizer(path, trust_remote_code, QFORMER_TOKENIZER_DIR)
@@ -76,7 +81,10 @@ def _import(path: str | Path, model_type: str, trust_remote_code: bool) -> Loade
                          VISION.post_norm)
     qformer_cfg = qformer_keys.qformer_config_from_hf(config.qformer_config, config.num_query_tokens)
     connector = QFormerConnector(QFormer(qformer_cfg), config.text_config.hidden_size)
-    llm = LanguageModel(AutoModelForCausalLM.from_config(config.text_config))
+    if config.use_decoder_only_language_model:
+        llm = LanguageModel(AutoModelForCausalLM.from_config(config.text_config))
+    else:
+        llm = Seq2SeqLanguageModel(AutoModelForSeq2SeqLM.from_config(config.text_config))
     tokenizer = _tokenizer(path, trust_remote_code)
     # Checkpoints saved before the processor inserted placeholders have none: fall back as build_vlm does.
     token_id = config.image_token_index
@@ -100,10 +108,6 @@ def _read_config(path: str | Path, model_type: str, name: str):
         other = _FAMILIES.get(config.model_type)
         hint = f"; use {other.importer}" if other else ""
         raise ConversionError(f"{path}: a {config.model_type!r} checkpoint, not {name} ({model_type!r}){hint}")
-    if not config.use_decoder_only_language_model:
-        raise ConversionError(f"{path}: the language model is {config.text_config.model_type!r}, an encoder-decoder "
-                              f"(e.g. FlanT5); this {name} importer supports decoder-only language models "
-                              f"(OPT, Llama, ...) only, not encoder-decoder ones yet")
     return config
 
 

@@ -1,8 +1,11 @@
-"""Generation over any HF causal LM from input embeddings: greedy, sampling and beam search, with a
-KV cache, EOS and stop strings, and left-padded batches whose outputs equal one-at-a-time runs.
+"""Generation over any HF causal or encoder-decoder LM from input embeddings: greedy, sampling and
+beam search, with a KV cache, EOS and stop strings, and left-padded batches whose outputs equal
+one-at-a-time runs.
 
 Starting from embeddings (not ids) is what lets the same loop serve a text-only LLM and a
-vision-language model whose prompt holds spliced visual tokens.
+vision-language model whose prompt holds spliced visual tokens. An encoder-decoder LM (FlanT5) reads
+the prompt embeddings with its encoder, once; the decoding loops see only a decoder that steps
+token by token, the same for both kinds (`_open_decoder`).
 """
 from __future__ import annotations
 
@@ -10,7 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, StaticCache
+from transformers import DynamicCache, EncoderDecoderCache, StaticCache
+from transformers.modeling_outputs import BaseModelOutput
 
 from .layout import use_cpu_decoding_layout
 
@@ -117,6 +121,57 @@ class _Decoder:
         self.next_position = self.next_position[rows]
 
 
+class _Seq2SeqDecoder:
+    """`_Decoder`'s interface for an encoder-decoder LM: the encoder reads the prompt once, the
+    decoder starts from its start token and appends one token per step to its own KV cache (the
+    cross-attention keys and values are computed at the first step and kept). Beams share their
+    prompt's encoding and first step."""
+
+    def __init__(self, model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, repeat: int = 1,
+                 max_length: int | None = None):
+        self.model = model
+        if not model.training:
+            use_cpu_decoding_layout(model)
+        start = getattr(getattr(model, "generation_config", None), "decoder_start_token_id", None)
+        start = model.config.decoder_start_token_id if start is None else start
+        if start is None:
+            raise ValueError(f"{type(model).__name__} has no decoder_start_token_id (in its config or generation "
+                             f"config), the token its decoder starts from")
+        self.mask = attention_mask.long()
+        # The self-attention cache grows with the (short) reply: a dynamic one, whose reordering beams need too.
+        self.cache = EncoderDecoderCache(DynamicCache(config=model.config), DynamicCache(config=model.config))
+        with torch.inference_mode():
+            self.encoded = model.get_encoder()(inputs_embeds=inputs_embeds, attention_mask=self.mask).last_hidden_state
+        self.step(torch.full((inputs_embeds.shape[0],), start, dtype=torch.long, device=inputs_embeds.device))
+        if repeat > 1:
+            with torch.inference_mode():
+                self.cache.batch_repeat_interleave(repeat)
+            self.encoded = self.encoded.repeat_interleave(repeat, 0)
+            self.mask = self.mask.repeat_interleave(repeat, 0)
+            self.logits = self.logits.repeat_interleave(repeat, 0)
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B] -> next-token logits [B, V]."""
+        with torch.inference_mode():
+            out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=self.encoded), attention_mask=self.mask,
+                             decoder_input_ids=ids[:, None], past_key_values=self.cache, use_cache=True)
+        self.logits = out.logits[:, -1].float()
+        return self.logits
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        with torch.inference_mode():
+            self.cache.reorder_cache(rows)
+        self.encoded = self.encoded[rows]
+        self.mask = self.mask[rows]
+
+
+def _open_decoder(model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, repeat: int = 1,
+                  max_length: int | None = None):
+    """The decoding state for `model`'s kind: a causal LM or an encoder-decoder one."""
+    kind = _Seq2SeqDecoder if getattr(model.config, "is_encoder_decoder", False) else _Decoder
+    return kind(model, inputs_embeds, attention_mask, repeat=repeat, max_length=max_length)
+
+
 def _filter_logits(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
     logits = logits / cfg.temperature
     if cfg.top_k:
@@ -139,7 +194,8 @@ def stream_tokens(model, inputs_embeds: torch.Tensor, attention_mask: torch.Tens
     generator = None
     if cfg.do_sample and cfg.seed is not None:
         generator = torch.Generator(device=inputs_embeds.device).manual_seed(cfg.seed)
-    decoder = _Decoder(model, inputs_embeds, attention_mask, max_length=inputs_embeds.shape[1] + cfg.max_new_tokens)
+    decoder = _open_decoder(model, inputs_embeds, attention_mask,
+                            max_length=inputs_embeds.shape[1] + cfg.max_new_tokens)
     logits = decoder.logits
     finished = torch.zeros(inputs_embeds.shape[0], dtype=torch.bool, device=inputs_embeds.device)
     for step in range(cfg.max_new_tokens):
@@ -163,7 +219,7 @@ def _beam_search(model, inputs_embeds, attention_mask, cfg: GenerationConfig, eo
     A row stops once it holds num_beams finished hypotheses and no running beam can still beat the
     worst of them (the usual heuristic for a length penalty > 0)."""
     batch, beams = inputs_embeds.shape[0], cfg.num_beams
-    decoder = _Decoder(model, inputs_embeds, attention_mask, repeat=beams)
+    decoder = _open_decoder(model, inputs_embeds, attention_mask, repeat=beams)
     device = inputs_embeds.device
     scores = torch.full((batch, beams), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: keep one so the first step does not pick duplicates
@@ -235,8 +291,9 @@ def generate(model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, c
              eos_token_id: int | None, tokenizer=None) -> GenerationOutput:
     """Generate from a (left-padded) batch of prompt embeddings [B, T, D] with mask [B, T].
 
-    `model` is a HF causal LM. With a tokenizer, texts are decoded and cut at the first stop string;
-    stop strings also end a row's decoding early (greedy/sampling)."""
+    `model` is a HF causal LM, or an encoder-decoder one whose encoder reads the prompt. With a
+    tokenizer, texts are decoded and cut at the first stop string; stop strings also end a row's
+    decoding early (greedy/sampling)."""
     cfg.check()
     if cfg.stop and tokenizer is None:
         raise ValueError("stop strings need a tokenizer to decode the generated text")

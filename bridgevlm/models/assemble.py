@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from ..config import from_dict, to_dict
 from ..data.images import ImageProcessor
@@ -24,8 +24,9 @@ from ..data.templates import IMAGE_TAG, ImagePlaceholder
 from ..io import atomic_write_text
 from .blip2_stage1 import load_stage1_into, load_text_tokenizer, stage1_model_dir, stage1_qformer_config
 from .connectors import ConnectorConfig, build_connector
-from .llm import LanguageModel
+from .llm import LanguageModel, LanguageModelProtocol
 from .lora import LoraSettings, inject_lora
+from .seq2seq_llm import Seq2SeqLanguageModel
 from .vision import VisionTower, VisionTowerConfig
 from .vlm import VisionLanguageModel
 
@@ -40,7 +41,7 @@ FALLBACK_IMAGE_TOKEN_ID = -200
 class VlmConfig:
     vision: VisionTowerConfig = field(default_factory=VisionTowerConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
-    llm: str = ""  # a causal-LM directory or hub id
+    llm: str = ""  # a causal or encoder-decoder (T5) LM directory or hub id
     tokenizer: str | None = None  # None: the LLM's own
     image_aspect: str = "pad"  # crop | pad (to a square with the mean colour, as LLaVA-1.5)
     template: str = "vicuna_v1"  # the conversation format used for chat and evaluation
@@ -108,8 +109,8 @@ def build_vlm(cfg: VlmConfig, base_dir: str | Path | None = None, trust_remote_c
     vision = VisionTower.from_pretrained(vision_cfg, trust_remote_code=trust_remote_code)
     llm_path = _resolve(cfg.llm, base_dir)
     if not llm_path:
-        raise ValueError("llm is empty; give a causal-LM directory or hub id")
-    llm = LanguageModel.from_pretrained(llm_path, trust_remote_code=trust_remote_code)
+        raise ValueError("llm is empty; give a causal or encoder-decoder LM directory or hub id")
+    llm = load_language_model(llm_path, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(_resolve(cfg.tokenizer, base_dir) or llm_path,
                                               trust_remote_code=trust_remote_code)
     connector_cfg, stage1_dir = cfg.connector, None
@@ -130,6 +131,14 @@ def build_vlm(cfg: VlmConfig, base_dir: str | Path | None = None, trust_remote_c
         raise ValueError(f"the image processor crops to {processor.size} px but the vision tower expects "
                          f"{vision.image_size} px ({vision_cfg.path})")
     return LoadedVlm(model, tokenizer, processor, replace(cfg, connector=connector_cfg), qformer_tokenizer)
+
+
+def load_language_model(name_or_path: str | Path, dtype: torch.dtype | None = None,
+                        trust_remote_code: bool = False) -> LanguageModelProtocol:
+    """The LLM wrapper its config calls for: encoder-decoder (T5, BART) or causal."""
+    config = AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+    wrapper = Seq2SeqLanguageModel if getattr(config, "is_encoder_decoder", False) else LanguageModel
+    return wrapper.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 def _resolve(path: str | None, base_dir: str | Path | None) -> str | None:

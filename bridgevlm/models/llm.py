@@ -1,8 +1,14 @@
-"""LanguageModel: any Hugging Face causal LM behind one small interface."""
+"""LanguageModel: any Hugging Face causal LM behind one small interface.
+
+`LanguageModelProtocol` is what a VisionLanguageModel needs from its LLM: embed ids, and compute the
+loss or the logits from input embeddings in which visual tokens were spliced. A causal LM
+(this module) and an encoder-decoder one (seq2seq_llm.py) each know how to run themselves on them.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -44,12 +50,43 @@ def build_tiny_llama(cfg: TinyLlamaConfig, tokenizer) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
+class LanguageModelProtocol(Protocol):
+    model: nn.Module  # the Hugging Face model
+    is_encoder_decoder: bool
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] -> [B, T, D]: the embeddings of the (encoder) input."""
+
+    def loss_from_embeds(self, inputs_embeds: torch.Tensor, batch: dict) -> LossOutput:
+        """The training loss of `batch` with its input ids replaced by `inputs_embeds` [B, T, D]."""
+
+    def logits_from_embeds(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                           decoder_input_ids: torch.Tensor | None = None,
+                           decoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits at every position [B, T, V] (at every decoder position [B, S, V] for an
+        encoder-decoder LM, which reads `decoder_input_ids` [B, S])."""
+
+    def set_activation_checkpointing(self, enabled: bool) -> None: ...
+
+
+def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Recompute each layer's activations in the backward pass (memory for time); the KV cache is off
+    while enabled, as the two do not mix."""
+    if enabled:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.activation_checkpointing_disable()
+    model.config.use_cache = not enabled
+
+
 class LanguageModel(nn.Module):
     """Wraps a HF causal LM; `forward(batch)` computes the loss at supervised positions only.
 
     The LM head (vocabulary-sized) is applied only where a label exists: with answer-only
     supervision that is a few percent of positions, and the head is often the largest matmul.
     """
+
+    is_encoder_decoder = False
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -66,13 +103,7 @@ class LanguageModel(nn.Module):
         return self.model.config
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
-        """Recompute each decoder layer's activations in the backward pass (memory for time); the KV
-        cache is off while enabled, as the two do not mix."""
-        if enabled:
-            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            self.model.activation_checkpointing_disable()
-        self.model.config.use_cache = not enabled
+        set_activation_checkpointing(self.model, enabled)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, T] -> [B, T, D]"""
@@ -88,14 +119,32 @@ class LanguageModel(nn.Module):
         hidden = self.hidden_states(batch.get("input_ids"), batch.get("attention_mask"), batch.get("inputs_embeds"))
         return supervised_lm_loss(hidden, labels, self.model.get_output_embeddings())
 
+    def loss_from_embeds(self, inputs_embeds: torch.Tensor, batch: dict) -> LossOutput:
+        """Next-token loss on `batch["labels"]` [B, T] (aligned with the inputs, IGNORE_INDEX unsupervised)."""
+        hidden = self.hidden_states(attention_mask=batch.get("attention_mask"), inputs_embeds=inputs_embeds)
+        return supervised_lm_loss(hidden, batch["labels"], self.model.get_output_embeddings())
+
+    def logits_from_embeds(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                           decoder_input_ids: torch.Tensor | None = None,
+                           decoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if decoder_input_ids is not None or decoder_attention_mask is not None:
+            raise ValueError("decoder inputs were given, but this is a decoder-only language model: the text "
+                             "to score belongs in input_ids")
+        return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).logits
+
 
 def supervised_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) -> LossOutput:
     """Next-token cross-entropy summed over supervised positions. hidden [B, T, D], labels [B, T]."""
     targets = labels[:, 1:]
     selected = targets != IGNORE_INDEX  # [B, T-1]
-    logits = lm_head(hidden[:, :-1][selected]).float()  # [N, V]
-    chosen = targets[selected]
-    loss_sum = F.cross_entropy(logits, chosen, reduction="sum")
+    return target_loss(lm_head(hidden[:, :-1][selected]), targets[selected])
+
+
+def target_loss(logits: torch.Tensor, targets: torch.Tensor) -> LossOutput:
+    """Cross-entropy summed over N targets, with their token accuracy. logits [N, V], targets [N]."""
+    logits = logits.float()
+    loss_sum = F.cross_entropy(logits, targets, reduction="sum")
     with torch.no_grad():
-        accuracy = (logits.argmax(-1) == chosen).float().mean().item() if len(chosen) else 0.0
-    return LossOutput(loss_sum=loss_sum, num_targets=selected.sum(), logs={"token_accuracy": accuracy})
+        accuracy = (logits.argmax(-1) == targets).float().mean().item() if len(targets) else 0.0
+    num_targets = torch.tensor(len(targets), device=targets.device)
+    return LossOutput(loss_sum=loss_sum, num_targets=num_targets, logs={"token_accuracy": accuracy})

@@ -8,13 +8,18 @@ positions during generation.
 A connector that reads an instruction as well as the image (InstructBLIP's Q-Former, which has
 `reads_instructions`) gets per-image `qformer_input_ids` / `qformer_attention_mask` [I, Tq], tokenised
 with its own tokenizer; every other connector sees only the vision features.
+
+The LLM is decoder-only (models/llm.py) or an encoder-decoder such as FlanT5 (models/seq2seq_llm.py).
+Either way the visual tokens go into the embeddings of `input_ids` (for an encoder-decoder, the
+encoder's input), and the LLM wrapper knows how to run itself on them: next-token loss on the
+labelled positions, or BLIP-2's prefix-LM loss on the decoder's targets.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .llm import LanguageModel, supervised_lm_loss
+from .llm import LanguageModelProtocol
 from .lora import merge_lora
 from .output import LossOutput
 from .vision import VisionTower
@@ -25,13 +30,15 @@ class ImageTokenError(ValueError):
 
 
 class VisionLanguageModel(nn.Module):
-    """vision: pixels -> features [I, N, Dv]; connector: features -> tokens [I, M, D]; llm: a causal LM.
+    """vision: pixels -> features [I, N, Dv]; connector: features -> tokens [I, M, D]; llm: a causal or
+    encoder-decoder LM wrapper.
 
     Parameters live under the prefixes `vision.`, `connector.` and `llm.`, which is how stages say
     what trains.
     """
 
-    def __init__(self, vision: VisionTower, connector: nn.Module, llm: LanguageModel, image_token_id: int):
+    def __init__(self, vision: VisionTower, connector: nn.Module, llm: LanguageModelProtocol,
+                 image_token_id: int):
         super().__init__()
         self.vision = vision
         self.connector = connector
@@ -107,18 +114,22 @@ class VisionLanguageModel(nn.Module):
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                pixel_values: torch.Tensor | None = None, qformer_input_ids: torch.Tensor | None = None,
-               qformer_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Next-token logits at every position [B, T, V] (for scoring and parity checks)."""
+               qformer_attention_mask: torch.Tensor | None = None, decoder_input_ids: torch.Tensor | None = None,
+               decoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits at every position [B, T, V] (for scoring and parity checks). With an
+        encoder-decoder LLM, `input_ids` is the encoder's input and the logits are those of the
+        decoder positions [B, S, V] given `decoder_input_ids` [B, S]."""
         embeds = self.embed(input_ids, pixel_values, qformer_input_ids=qformer_input_ids,
                             qformer_attention_mask=qformer_attention_mask)
-        return self.llm.model(inputs_embeds=embeds, attention_mask=attention_mask).logits
+        return self.llm.logits_from_embeds(embeds, attention_mask, decoder_input_ids, decoder_attention_mask)
 
     def forward(self, batch: dict) -> LossOutput:
-        """batch: input_ids, attention_mask, labels [B, T]; pixel_values [I, 3, H, W] or
-        vision_features [I, N, Dv] (optional); qformer_input_ids, qformer_attention_mask [I, Tq]
-        (optional, for a connector that reads instructions)."""
+        """batch: input_ids, attention_mask [B, T], labels [B, T] (an encoder-decoder LLM: labels [B, S]
+        on the decoder side, and optionally decoder_input_ids / decoder_attention_mask [B, S]; see
+        seq2seq_llm.py); pixel_values [I, 3, H, W] or vision_features [I, N, Dv] (optional);
+        qformer_input_ids, qformer_attention_mask [I, Tq] (optional, for a connector that reads
+        instructions)."""
         embeds = self.embed(batch["input_ids"], batch.get("pixel_values"), batch.get("sample_ids"),
                             batch.get("vision_features"), batch.get("qformer_input_ids"),
                             batch.get("qformer_attention_mask"))
-        hidden = self.llm.hidden_states(attention_mask=batch.get("attention_mask"), inputs_embeds=embeds)
-        return supervised_lm_loss(hidden, batch["labels"], self.llm.model.get_output_embeddings())
+        return self.llm.loss_from_embeds(embeds, batch)

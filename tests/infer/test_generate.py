@@ -119,3 +119,68 @@ def test_cpu_decoding_layout_keeps_outputs_and_saving(tmp_path):
     model.save_pretrained(tmp_path)
     reloaded = LlamaForCausalLM.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(reloaded(input_ids=ids).logits, before, rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Encoder-decoder LMs (T5): the encoder reads the prompt embeddings once, the decoder steps.
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_t5(single_thread):
+    """A random FlanT5-shaped model, shaken until greedy replies vary (a fresh tiny T5 repeats one token),
+    with EOS (id 1) likely enough that some replies end early and the length penalty decides between beams."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(vocab_size=120, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                                num_decoder_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
+                                                tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
+                                                decoder_start_token_id=0)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.add_(torch.randn_like(param) * 0.3)
+        model.lm_head.weight[1] *= 2
+    return model
+
+
+def _t5_prompts(model, lengths=(9, 5, 12)):
+    torch.manual_seed(1)
+    ids, mask = left_pad([torch.randint(2, 120, (n,)).tolist() for n in lengths], pad_id=0)
+    return model.get_input_embeddings()(ids).detach(), mask, ids
+
+
+def _hf_seq2seq(model, embeds, mask, eos_token_id, **kwargs):
+    out = model.generate(inputs_embeds=embeds, attention_mask=mask, do_sample=False, pad_token_id=0,
+                         eos_token_id=eos_token_id, **kwargs)
+    assert out[:, 0].tolist() == [0] * len(out)  # the decoder start token
+    rows = out[:, 1:].tolist()
+    return [row[:row.index(eos_token_id)] if eos_token_id in row else row for row in rows]
+
+
+@pytest.mark.parametrize("cfg", [GenerationConfig(max_new_tokens=12),
+                                 GenerationConfig(max_new_tokens=12, num_beams=3, length_penalty=1.5),
+                                 GenerationConfig(max_new_tokens=12, num_beams=4, length_penalty=0.0)],
+                         ids=["greedy", "beam", "beam_no_penalty"])
+def test_seq2seq_generation_matches_transformers(tiny_t5, cfg):
+    embeds, mask, _ = _t5_prompts(tiny_t5)
+    with torch.no_grad():
+        ours = generate(tiny_t5, embeds, mask, cfg, eos_token_id=1).tokens
+    for row in range(len(embeds)):  # HF beam search, row by row: its batched beams pad finished rows
+        ref = _hf_seq2seq(tiny_t5, embeds[row:row + 1], mask[row:row + 1], max_new_tokens=cfg.max_new_tokens,
+                          num_beams=cfg.num_beams, length_penalty=cfg.length_penalty, eos_token_id=1)
+        assert ours[row] == ref[0]
+    assert len({t for row in ours for t in row}) > 3 and any(len(row) < cfg.max_new_tokens for row in ours)
+    alone = [generate(tiny_t5, embeds[r:r + 1, -int(mask[r].sum()):], mask[r:r + 1, -int(mask[r].sum()):], cfg,
+                      eos_token_id=1).tokens[0] for r in range(len(embeds))]
+    assert ours == alone  # left padding changes nothing
+
+
+def test_seq2seq_greedy_batch_matches_transformers_and_sampling_is_seeded(tiny_t5):
+    embeds, mask, _ = _t5_prompts(tiny_t5)
+    greedy = generate(tiny_t5, embeds, mask, GenerationConfig(max_new_tokens=10), eos_token_id=None).tokens
+    assert greedy == _hf_seq2seq(tiny_t5, embeds, mask, max_new_tokens=10, eos_token_id=None)
+    hot = GenerationConfig(max_new_tokens=10, do_sample=True, temperature=1.5, seed=7)
+    first, again = (generate(tiny_t5, embeds, mask, hot, eos_token_id=None).tokens for _ in range(2))
+    assert first == again and first != greedy
+    top1 = GenerationConfig(max_new_tokens=10, do_sample=True, top_k=1, seed=3)
+    assert generate(tiny_t5, embeds, mask, top1, eos_token_id=None).tokens == greedy
