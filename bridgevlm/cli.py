@@ -57,9 +57,18 @@ def _add_eval(sub) -> None:
     p.add_argument("model", type=Path, help="model directory (or, for vlm, a run directory)")
     p.add_argument("--limit", type=int, default=None, help="vlm: at most this many questions per family")
     p.add_argument("--blind", action="store_true", help="vlm: also ask without the image (blind baseline)")
+    p.add_argument("--rank-candidates", action="store_true",
+                   help="vlm: answer yes/no, multiple-choice and classification questions by the likeliest "
+                        "candidate instead of generating (InstructBLIP's protocol)")
+    p.add_argument("--num-beams", type=int, default=1, help="vlm: beam search width (BLIP-2's zero-shot VQA: 5)")
+    p.add_argument("--length-penalty", type=float, default=1.0,
+                   help="vlm: beam score = log-likelihood / length**penalty; below 0 favours short answers")
+    p.add_argument("--max-new-tokens", type=int, default=12, help="vlm: longest answer generated")
     p.add_argument("--world", required=True, type=Path)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--template", default="vicuna_v1_nosys", help="conversation template for lm (default vicuna_v1_nosys)")
+    p.add_argument("--template", default=None,
+                   help="prompt format. lm: default vicuna_v1_nosys; vlm: default the model's, e.g. blip2_vqa for "
+                        "BLIP-2's zero-shot 'Question: {} Answer:' or blip2_vqa_short for '... Short answer:'")
 
 
 def _add_quickstart(sub) -> None:
@@ -172,9 +181,15 @@ def _eval(args) -> int:
         from .loading import load
 
         loaded = load(args.model)
-        metrics = {"vqa": evaluate_vqa_on_world(loaded, args.world, args.split, args.limit)}
+        from .infer.generate import GenerationConfig
+
+        generation = GenerationConfig(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                                      length_penalty=args.length_penalty)
+        ask = dict(split=args.split, limit_per_family=args.limit, rank_candidates=args.rank_candidates,
+                   template=args.template, generation=generation)
+        metrics = {"vqa": evaluate_vqa_on_world(loaded, args.world, **ask)}
         if args.blind:
-            metrics["blind"] = evaluate_vqa_on_world(loaded, args.world, args.split, args.limit, blind=True)
+            metrics["blind"] = evaluate_vqa_on_world(loaded, args.world, blind=True, **ask)
         print(json.dumps(metrics, indent=1))
         return 0
     if not (args.model / "config.json").is_file():
@@ -193,7 +208,7 @@ def _eval(args) -> int:
         from .models.llm import LanguageModel
         from .recipes.lm import evaluate_lm
 
-        metrics = evaluate_lm(LanguageModel.from_pretrained(args.model), tokenizer, get_template(args.template, tokenizer),
+        metrics = evaluate_lm(LanguageModel.from_pretrained(args.model), tokenizer, get_template(args.template or "vicuna_v1_nosys", tokenizer),
                               args.world, args.split)
     print(json.dumps(metrics, indent=1))
     return 0

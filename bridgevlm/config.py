@@ -411,6 +411,32 @@ def load_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
+EXTENDS_KEY = "extends"
+
+
+def load_layered_yaml(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict:
+    """A config file merged over the file its top-level `extends:` names (a path relative to it),
+    recursively, so a variant recipe states only what it changes. Lists replace the parent's whole,
+    unless given as a mapping of indices (`stages: {1: {...}}`), as with command-line overrides."""
+    path = Path(path)
+    data = load_yaml(path)
+    parent = data.pop(EXTENDS_KEY, None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str) or not parent:
+        raise ConfigError(f"{path}: '{EXTENDS_KEY}' must be the path of another config file, got {_show(parent)}",
+                          source=str(path), field=EXTENDS_KEY)
+    parent_path = (path.parent / parent).resolve()
+    chain = _chain + (path.resolve(),)
+    if parent_path in chain:
+        loop = " -> ".join(str(p) for p in (*chain, parent_path))
+        raise ConfigError(f"{path}: '{EXTENDS_KEY}' makes a loop: {loop}", source=str(path), field=EXTENDS_KEY)
+    if not parent_path.is_file():
+        raise ConfigError(f"{path}: '{EXTENDS_KEY}' names {parent_path}, which does not exist",
+                          source=str(path), field=EXTENDS_KEY)
+    return merge(load_layered_yaml(parent_path, chain), data)
+
+
 def load_config(
     cls: type[T],
     path: str | os.PathLike | None = None,
@@ -418,14 +444,15 @@ def load_config(
     base: Mapping | None = None,
     skip_keys: Sequence[str] = (),
 ) -> T:
-    """Build config ``cls`` from ``base`` (defaults), then the YAML file ``path``, then ``overrides``.
+    """Build config ``cls`` from ``base`` (defaults), then the YAML file ``path`` (over the file it
+    ``extends``, if any), then ``overrides``.
 
     ``skip_keys`` are top-level keys of the file that are not part of ``cls`` (e.g. a recipe's ``task``).
 
     Each layer deep-merges over the previous one. An error names the layer the bad value came
     from: ``command line override 'train.lrr=1'``, the file path, or ``base config``.
     """
-    file_data = load_yaml(path) if path is not None else {}
+    file_data = load_layered_yaml(path) if path is not None else {}
     file_data = {k: v for k, v in file_data.items() if k not in skip_keys}
     parsed = [(item, *_parse_override(item)) for item in overrides]
     data = merge(base or {}, file_data)

@@ -12,6 +12,7 @@ from bridgevlm.config import (
     ConfigError,
     from_dict,
     load_config,
+    load_layered_yaml,
     load_yaml,
     merge,
     parse_overrides,
@@ -279,3 +280,33 @@ def test_a_bad_override_inside_a_list_is_named_as_the_override():
 
     with pytest.raises(ConfigError, match=r"command line override 'stages\.0\.trainable\.conector=full'.*did you mean 'connector'"):
         load_recipe(CONFIGS / "shapes/llava.yaml", ["stages.0.trainable.conector=full"])
+
+
+# --------------------------------------------------------------------------------------------
+# extends: a variant file over its parent
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_file_extends_its_parent_recursively_and_overrides_still_win(tmp_path):
+    (tmp_path / "base.yaml").write_text("model: {name: m, layers: [1, 2, 3]}\ntrain: {lr: 0.1, batch_size: 4}\n"
+                                        "stages: [{name: adamw}, {name: adamw, betas: [0.5]}]\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub/mid.yaml").write_text("extends: ../base.yaml\ntrain: {lr: 0.2}\nstages: {1: {name: sgd}}\n")
+    (tmp_path / "leaf.yaml").write_text("extends: sub/mid.yaml\nmodel: {layers: [7]}\n")
+    cfg = load_config(Config, tmp_path / "leaf.yaml", ["train.steps=5"])
+    assert cfg.model.name == "m" and cfg.model.layers == [7]  # a list replaces the parent's whole
+    assert (cfg.train.lr, cfg.train.batch_size, cfg.train.steps) == (0.2, 4, 5)
+    assert [(s.name, s.betas) for s in cfg.stages] == [("adamw", (0.9, 0.999)), ("sgd", (0.5,))]
+
+
+def test_an_extends_loop_or_a_missing_parent_is_named(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"b\.yaml: 'extends' makes a loop: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+        load_layered_yaml(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: 'extends' names .*nowhere\.yaml, which does not exist"):
+        load_config(Config, tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("extends: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="must be the path of another config file"):
+        load_layered_yaml(tmp_path / "d.yaml")

@@ -8,21 +8,13 @@ where the two rules pick the same text.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from .captions import pad_texts
-from .templates import IMAGE_TAG
-
-_TAG = re.compile(rf"\s*{re.escape(IMAGE_TAG)}\s*")
-
-
-def without_image_tags(text: str) -> str:
-    """'<image>\\nWhat colour is it?' -> 'What colour is it?' (a tag and the space around it go)."""
-    return _TAG.sub(" ", text).strip()
+from .templates import IMAGE_TAG, USER_ROLES, without_image_tags
 
 
 def _text(message: dict) -> str:
@@ -30,7 +22,7 @@ def _text(message: dict) -> str:
 
 
 def _is_user(message: dict) -> bool:
-    return message.get("from", message.get("role")) in ("human", "user")
+    return message.get("from", message.get("role")) in USER_ROLES
 
 
 def image_instructions(messages: Sequence[dict]) -> list[str]:

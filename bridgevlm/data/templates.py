@@ -7,15 +7,25 @@ disagree with the ids. Training and generation render prompts with the same segm
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
 IGNORE_INDEX = -100
 IMAGE_TAG = "<image>"
+USER_ROLES = ("human", "user")  # how a user turn's `from` is spelt: LLaVA's and the chat-message form
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
     "helpful, detailed, and polite answers to the user's questions."
 )
+
+
+_TAG = re.compile(rf"\s*{re.escape(IMAGE_TAG)}\s*")
+
+
+def without_image_tags(text: str) -> str:
+    """'<image>\\nWhat colour is it?' -> 'What colour is it?' (a tag and the space around it go)."""
+    return _TAG.sub(" ", text).strip()
 
 
 class ConversationError(ValueError):
@@ -48,6 +58,9 @@ class ConversationTemplate:
     answer_prefix: str = " "
     plain: bool = False
     add_bos: bool = True  # start with the tokenizer's BOS id (a chat template renders its own)
+    # Move a user turn's images ahead of its text, as BLIP-2's zero-shot prompts do
+    # ("<image>Question: {} Answer:"), wherever the data puts the tags.
+    image_first: bool = False
 
     def segments(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> list[Segment]:
         """Render messages ({'from': 'human'|'gpt', 'value'}) as segments. With
@@ -60,7 +73,10 @@ class ConversationTemplate:
         prefix = self.system + self.system_sep if self.system else ""
         for role, text in turns:
             if role == "human":
-                segments.append(Segment(prefix + self.user + text + self.user_sep + self.assistant, False))
+                images = ""
+                if self.image_first:
+                    images, text = IMAGE_TAG * text.count(IMAGE_TAG), without_image_tags(text)
+                segments.append(Segment(images + prefix + self.user + text + self.user_sep + self.assistant, False))
                 prefix = ""
             else:
                 segments.append(Segment(self.answer_prefix + text, True, eos=True))
@@ -84,6 +100,11 @@ TEMPLATES: dict[str, ConversationTemplate] = {
     # vicuna_v1's turn format without the system sentence: small models need not spend tokens on it.
     "vicuna_v1_nosys": ConversationTemplate("vicuna_v1_nosys"),
     "plain": ConversationTemplate("plain", plain=True),
+    # BLIP-2's zero-shot VQA prompts: "Question: {} Answer:" (OPT) and "Question: {} Short answer:"
+    # (FlanT5, and InstructBLIP's short-answer prompt), the image's query tokens first.
+    "blip2_vqa": ConversationTemplate("blip2_vqa", user="Question: ", assistant="Answer:", image_first=True),
+    "blip2_vqa_short": ConversationTemplate("blip2_vqa_short", user="Question: ", assistant="Short answer:",
+                                            image_first=True),
 }
 
 

@@ -13,17 +13,21 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..data.instructions import pad_instructions
+
 NORMALISATIONS = ("sum", "mean")
 
 
 @dataclass
 class CandidateQuestion:
     """One question: its prompt (images as placeholders), candidate continuations, and the
-    prompt's images [I, 3, H, W] for a vision-language model (None for text)."""
+    prompt's images [I, 3, H, W] for a vision-language model (None for text), with one Q-Former
+    instruction per image for a connector that reads them (InstructBLIP)."""
 
     prompt_ids: list[int]
     candidate_ids: list[list[int]]
     pixel_values: torch.Tensor | None = None
+    instruction_ids: list[list[int]] | None = None
 
 
 @dataclass
@@ -65,10 +69,10 @@ def _check(questions: Sequence[CandidateQuestion]) -> None:
 
 
 def _logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-            pixel_values: torch.Tensor | None) -> torch.Tensor:
+            pixel_values: torch.Tensor | None, instructions: dict) -> torch.Tensor:
     """[B, T, V] from a VisionLanguageModel (`.logits`) or a plain HF causal LM."""
     if hasattr(model, "logits") and callable(model.logits):
-        return model.logits(input_ids, attention_mask, pixel_values=pixel_values)
+        return model.logits(input_ids, attention_mask, pixel_values=pixel_values, **instructions)
     if pixel_values is not None:
         raise ValueError(f"images were given but {type(model).__name__} is a text-only model")
     return model(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -76,7 +80,8 @@ def _logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
 
 @torch.no_grad()
 def score_candidates(model: nn.Module, questions: Sequence[CandidateQuestion], batch_size: int = 32,
-                     normalisation: str = "sum", pad_token_id: int = 0) -> RankedCandidates:
+                     normalisation: str = "sum", pad_token_id: int = 0,
+                     instruction_pad_token_id: int = 0) -> RankedCandidates:
     """Scores every candidate of every question and picks the best per question by `normalisation`
     ("sum": total log-likelihood; "mean": per token, which does not penalise longer answers)."""
     if normalisation not in NORMALISATIONS:
@@ -102,7 +107,11 @@ def score_candidates(model: nn.Module, questions: Sequence[CandidateQuestion], b
             scored[r, len(questions[q].prompt_ids) - 1:len(row) - 1] = True
         images = [questions[q].pixel_values for q, _ in chunk if questions[q].pixel_values is not None]
         pixel_values = torch.cat(images).to(device) if images else None
-        logits = _logits(model, input_ids.to(device), attention_mask.to(device), pixel_values)[:, :-1].float()
+        per_image = [ids for q, _ in chunk for ids in (questions[q].instruction_ids or [])]
+        instructions = ({k: v.to(device) for k, v in pad_instructions(per_image, instruction_pad_token_id).items()}
+                        if per_image else {})
+        logits = _logits(model, input_ids.to(device), attention_mask.to(device), pixel_values,
+                         instructions)[:, :-1].float()
         targets = input_ids[:, 1:].to(device).unsqueeze(-1)
         # log p(target) = logit(target) - logsumexp(logits): no second [B, T, V] tensor.
         token_logprobs = logits.gather(-1, targets).squeeze(-1) - logits.logsumexp(-1)  # [B, T-1]
@@ -114,3 +123,41 @@ def score_candidates(model: nn.Module, questions: Sequence[CandidateQuestion], b
     ranking = sums if normalisation == "sum" else means
     best = [max(range(len(row)), key=row.__getitem__) for row in ranking]
     return RankedCandidates(best, sums, means, counts)
+
+
+def rank_answers(loaded, conversations: Sequence[list[dict]], images: Sequence[Sequence], candidates: Sequence[Sequence[str]],
+                 template=None, batch_size: int = 32, normalisation: str = "sum") -> list[str]:
+    """For each conversation ending with a user turn, the candidate reply a vision-language model
+    (`LoadedVlm`) finds most likely. Each candidate is tokenised as a reply inside the conversation
+    template, exactly as training tokenises answers, with the template's end of turn: a candidate
+    that is a prefix of a longer one is not favoured."""
+    from ..data.instructions import current_instruction
+    from ..data.templates import get_template, tokenize_conversation
+
+    if not len(conversations) == len(images) == len(candidates):
+        raise ValueError(f"{len(conversations)} conversations, {len(images)} image lists and {len(candidates)} "
+                         f"candidate lists; give one of each per question")
+    template = template or get_template(loaded.config.template, loaded.tokenizer)
+    instructions = loaded.instruction_tokenizer()
+    questions = []
+    for index, (messages, imgs, options) in enumerate(zip(conversations, images, candidates)):
+        def encode(extra):
+            return tokenize_conversation(loaded.tokenizer, template, list(messages) + extra,
+                                         add_generation_prompt=not extra,
+                                         image_placeholder=loaded.placeholder).input_ids
+        prompt = encode([])
+        continuations = []
+        for option in options:
+            full = encode([{"from": "gpt", "value": option}])
+            if full[:len(prompt)] != prompt:
+                raise ValueError(f"question {index}: the template tokenises candidate {option!r} differently "
+                                 f"after the prompt than as a reply; cannot score it")
+            continuations.append(full[len(prompt):])
+        pixels = (loaded.processor.normalize(torch.stack([loaded.processor.to_uint8(i) for i in imgs]))
+                  if imgs else None)
+        instruction_ids = ([instructions.encode(current_instruction(messages))] * len(imgs)
+                           if instructions is not None and imgs else None)
+        questions.append(CandidateQuestion(prompt, continuations, pixels, instruction_ids))
+    ranked = score_candidates(loaded.model.eval(), questions, batch_size, normalisation, loaded.tokenizer.pad_token_id,
+                              instructions.pad_token_id if instructions is not None else 0)
+    return [options[best] for options, best in zip(candidates, ranked.best)]

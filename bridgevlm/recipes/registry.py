@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..config import ConfigError, load_config, load_yaml, to_dict
+from ..config import ConfigError, load_config, load_layered_yaml, to_dict
 from .backbones import BackboneRecipe, make_backbones
 from .blip2 import Blip2Stage1Recipe, run_blip2_stage1
 from .clip import ClipRecipe, run_clip
@@ -22,7 +22,7 @@ RECIPES: dict[str, tuple[type, Callable]] = {
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()):
     """(task name, typed recipe) from a YAML file plus dotted overrides."""
-    task = load_yaml(path).get("task")
+    task = load_layered_yaml(path).get("task")
     if not isinstance(task, str) or task not in RECIPES:
         raise ConfigError(f"{path}: field 'task' must be one of {', '.join(RECIPES)}, got {task!r}")
     recipe_cls, _ = RECIPES[task]

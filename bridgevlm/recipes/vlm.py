@@ -14,28 +14,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import save_config, to_dict
-from ..data.conversations import ConversationDataset, ImageSource, PadCollator, record_images
+from ..data.conversations import PadCollator
 from ..data.feature_cache import FeatureCache
-from ..data.formats import read_conversations
 from ..data.templates import get_template
 from ..eval.vqa import evaluate_vqa_on_world
+from ..infer.generate import GenerationConfig
 from ..io import write_json
 from ..models.assemble import CONFIG_FILE, LoadedVlm, VlmConfig, build_vlm, load_vlm, save_vlm
 from ..models.lora import LoraSettings
 from ..train.distributed import DistContext, barrier, init_distributed
 from ..train.loop import TrainConfig, seed_everything, train_stage
 from ..train.trainability import Trainability, apply_trainability
+from .stage_data import SourceRecords, StageData, build_stage_dataset, read_sources
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class StageData:
-    path: str = ""  # LLaVA-format conversations (JSON list or JSONL)
-    image_folder: str = ""  # `image` paths are relative to it
-    template: str | None = None  # None: the model's template (stage 1 of LLaVA uses `plain`)
-    max_length: int = 2048  # longer samples lose trailing exchanges (a first exchange that does not fit is an error)
-    pretokenize: bool = True
 
 
 @dataclass
@@ -60,6 +52,11 @@ class WorldEval:
     split: str = "test"
     limit_per_family: int | None = None
     blind_baseline: bool = True  # also ask without the image
+    # Answer families that list candidates (yes/no, multiple choice, classification) by the likeliest
+    # candidate rather than by generation (InstructBLIP's protocol)
+    rank_candidates: bool = False
+    template: str | None = None  # the prompt format; None: the model's (e.g. blip2_vqa: "Question: {} Answer:")
+    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=12))
     # Stages with train.eval_every > 0 evaluate on this many val questions per family as they train
     # (the accuracy-vs-time curve).
     progress_limit_per_family: int = 20
@@ -77,10 +74,12 @@ def fill_world(recipe: VlmRecipe) -> VlmRecipe:
     """A copy with "{world}" in data and eval paths replaced by `recipe.world`."""
     recipe = copy.deepcopy(recipe)
     paths = [(stage.data, "path") for stage in recipe.stages] + [(stage.data, "image_folder") for stage in recipe.stages]
+    for stage in recipe.stages:
+        paths += [(source, name) for source in stage.data.sources for name in ("path", "image_folder")]
     paths.append((recipe.eval, "world"))
     for owner, name in paths:
         value = getattr(owner, name)
-        if "{world}" in value:
+        if value and "{world}" in value:
             if not recipe.world:
                 raise ValueError(f"{value!r} uses {{world}} but the recipe's world is empty; set world=DIR")
             setattr(owner, name, value.replace("{world}", recipe.world))
@@ -109,21 +108,22 @@ def run_stage(loaded: LoadedVlm, stage: Stage, out: Path, progress: bool = True,
     if stage.gradient_checkpointing:
         model.llm.set_activation_checkpointing(True)
     template = get_template(stage.data.template or loaded.config.template, loaded.tokenizer)
-    records = read_conversations(stage.data.path)
-    images = ImageSource(Path(stage.data.image_folder), loaded.processor, loaded.placeholder,
-                         _feature_cache(loaded, stage, records, out, progress, dist))
+    sources = read_sources(stage.data, stage.name)
+    cache = _feature_cache(loaded, stage, sources, out, progress, dist)
     instructions = loaded.instruction_tokenizer()  # InstructBLIP: each image's turn also goes to the Q-Former
-    dataset = ConversationDataset(records, loaded.tokenizer, template, stage.data.max_length, source=stage.data.path,
-                                  pretokenize=stage.data.pretokenize, images=images, instructions=instructions)
-    data_report = dataset.supervision_report()
+    data = build_stage_dataset(stage.data, sources, loaded.tokenizer, template, loaded.processor, loaded.placeholder,
+                               cache, instructions, dist)
+    data_report = data.report
     logger.info("stage %s data: %d samples, %.1f%% of %d tokens supervised%s", stage.name, data_report["samples"],
                 100 * data_report["supervised_share"], data_report["tokens"],
                 f"; Q-Former instructions of at most {instructions.max_length} tokens" if instructions else "")
+    for name, part in data_report.get("sources", {}).items():
+        logger.info("  source %s: %d samples, drawn with probability %.3f", name, part["samples"], part["probability"])
     collator = PadCollator(loaded.tokenizer.pad_token_id, loaded.processor,
                            instruction_pad_token_id=instructions.pad_token_id if instructions else 0)
-    result = train_stage(model, dataset, collator, stage.train, out,
+    result = train_stage(model, data.dataset, collator, stage.train, out,
                          eval_fn=eval_fn if stage.train.eval_every else None, dist=dist,
-                         config_to_save=to_dict(stage), progress=progress)
+                         config_to_save=to_dict(stage), progress=progress, sampler=data.sampler)
     if stage.gradient_checkpointing:
         model.llm.set_activation_checkpointing(False)
     summary = {"steps": result.steps, "final_loss": result.final_loss, "data": data_report,
@@ -135,7 +135,7 @@ def run_stage(loaded: LoadedVlm, stage: Stage, out: Path, progress: bool = True,
     return {**summary, "history": result.history}
 
 
-def _feature_cache(loaded: LoadedVlm, stage: Stage, records: list[dict], out: Path, progress: bool,
+def _feature_cache(loaded: LoadedVlm, stage: Stage, sources: list[SourceRecords], out: Path, progress: bool,
                    dist: DistContext) -> FeatureCache | None:
     """The stage's filled feature cache (rank 0 fills it, the others wait), or None when off."""
     if not stage.cache_vision_features:
@@ -145,8 +145,7 @@ def _feature_cache(loaded: LoadedVlm, stage: Stage, records: list[dict], out: Pa
                          f"(it is {stage.trainable.vision!r}); cached features would go stale as the tower trains")
     cache = FeatureCache.for_tower(out.parent / "feature_cache", loaded.model.vision, loaded.processor)
     if dist.is_main:
-        folder = Path(stage.data.image_folder)
-        paths = sorted({str(folder / p) for record in records for p in record_images(record)})
+        paths = sorted({path for source in sources for path in source.image_paths()})
         encoded = cache.fill(paths, loaded.model.vision, loaded.processor, progress=progress)
         logger.info("stage %s: %d image(s) encoded into the feature cache %s, %d already there", stage.name,
                     encoded, cache.directory, len(paths) - encoded)
@@ -166,10 +165,15 @@ def _progress_eval(cfg: WorldEval, loaded: LoadedVlm):
         return None
 
     def evaluate(model, step):
-        result = evaluate_vqa_on_world(loaded, cfg.world, "val", cfg.progress_limit_per_family)
+        result = evaluate_vqa_on_world(loaded, cfg.world, "val", cfg.progress_limit_per_family, **_asking(cfg))
         return {"held_in_mean": result["held_in_mean"], "held_out_mean": result["held_out_mean"]}
 
     return evaluate
+
+
+def _asking(cfg: WorldEval) -> dict:
+    """How questions are put: prompt format, decoding, candidate ranking."""
+    return {"template": cfg.template, "generation": cfg.generation, "rank_candidates": cfg.rank_candidates}
 
 
 def run_vlm(recipe: VlmRecipe, run_dir: str | Path, progress: bool = True) -> dict:
@@ -195,11 +199,10 @@ def run_vlm(recipe: VlmRecipe, run_dir: str | Path, progress: bool = True) -> di
         stages[stage.name] = run_stage(loaded, stage, out, progress, _progress_eval(recipe.eval, loaded), dist)
     metrics: dict = {}
     if recipe.eval.world and dist.is_main:
-        metrics["vqa"] = evaluate_vqa_on_world(loaded, recipe.eval.world, recipe.eval.split,
-                                               recipe.eval.limit_per_family)
+        ask = dict(split=recipe.eval.split, limit_per_family=recipe.eval.limit_per_family, **_asking(recipe.eval))
+        metrics["vqa"] = evaluate_vqa_on_world(loaded, recipe.eval.world, **ask)
         if recipe.eval.blind_baseline:
-            metrics["blind"] = evaluate_vqa_on_world(loaded, recipe.eval.world, recipe.eval.split,
-                                                     recipe.eval.limit_per_family, blind=True)
+            metrics["blind"] = evaluate_vqa_on_world(loaded, recipe.eval.world, blind=True, **ask)
         write_json(run_dir / "metrics.json", metrics)
     return {"metrics": metrics, "stages": stages, "model": str(stage_dir(run_dir, len(recipe.stages) - 1,
                                                                          recipe.stages[-1]) / "model")}

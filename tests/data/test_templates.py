@@ -54,6 +54,16 @@ def test_plain_keeps_only_image_then_caption():
     assert _render(segments) == "<image>a large red circle.</s>"
 
 
+@pytest.mark.parametrize("name, answer_cue", [("blip2_vqa", "Answer:"), ("blip2_vqa_short", "Short answer:")])
+def test_blip2_zero_shot_prompts_put_the_image_first(name, answer_cue):
+    # SPEC.md, BLIP-2: OPT "Question: {} Answer:", FlanT5 "Question: {} Short answer:"; InstructBLIP "<Image> Question: {} Short answer:"
+    template = get_template(name)
+    prompt = _render(template.segments([{"from": "human", "value": f"{Q1}\n<image>"}], add_generation_prompt=True))
+    assert prompt == f"<image>Question: {Q1} {answer_cue}"
+    rendered = _render(template.segments(_messages((Q1, A1), (Q2, A2))))
+    assert rendered == f"<image>Question: {Q1} {answer_cue} {A1}</s>Question: {Q2} {answer_cue} {A2}</s>"
+
+
 def test_unknown_template_lists_valid_ones():
     with pytest.raises(KeyError, match="vicuna_v1.*plain|plain.*vicuna_v1"):
         get_template("vicuna_v2")
@@ -216,5 +226,5 @@ def test_chat_template_errors(tokenizer):
     tok.chat_template = "{% for m in messages|reverse %}{{ m['content'] }};{% endfor %}"  # not prefix-stable
     with pytest.raises(ConversationError, match="extension of the turns before it"):
         get_template(CHAT_TEMPLATE, tok).segments(_messages(("a", "b"), ("c", "d")))
-    with pytest.raises(KeyError, match="valid: vicuna_v1, vicuna_v1_nosys, plain, chat_template"):
+    with pytest.raises(KeyError, match="valid: vicuna_v1, vicuna_v1_nosys, plain, blip2_vqa, blip2_vqa_short, chat_template"):
         get_template("vicuna")

@@ -100,6 +100,10 @@ def test_cli_export_convert_eval(saved_vlm, shapes_world, tmp_path, capsys):
     assert main(["eval", "vlm", str(path), "--world", str(shapes_world), "--limit", "1", "--blind"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert {"held_in_mean", "held_out_mean"} <= set(metrics["vqa"]) and "blind" in metrics
+    assert main(["eval", "vlm", str(path), "--world", str(shapes_world), "--limit", "2", "--rank-candidates",
+                 "--template", "blip2_vqa", "--num-beams", "3", "--length-penalty", "-1", "--max-new-tokens", "4"]) == 0
+    ranked = json.loads(capsys.readouterr().out)["vqa"]
+    assert all(ranked["held_out"][f] in (0.0, 0.5, 1.0) for f in ("multiple_choice", "spatial", "comparison"))
     assert main(["chat", str(tmp_path / "missing")]) == 2
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bridgevlm.config import from_dict
+from bridgevlm.config import from_dict, to_dict
+from bridgevlm.data.shapes.families import HELD_IN
 from bridgevlm.data.formats import read_conversations
 from bridgevlm.data.instructions import without_image_tags
 from bridgevlm.models.assemble import build_vlm, load_vlm
@@ -93,7 +94,17 @@ def test_the_shapes_and_paper_recipes_parse():
     assert [s.init for s in instruct.stages] == ["base", "previous"]
     assert all((s.trainable.vision, s.trainable.connector, s.trainable.llm) == ("frozen", "full", "frozen")
                for s in instruct.stages)
-    assert instruct.stages[1].data.path == "{world}/instruct/train.json" and instruct.world == "w"
+    sources = instruct.stages[1].data.sources
+    assert [s.path for s in sources] == [f"{{world}}/tasks/{f}/train.json" for f in HELD_IN] and instruct.world == "w"
+    assert instruct.eval.rank_candidates and not any(s.prefix for s in sources)
+    # the ablation's multitask baselines differ from instruction tuning in their instruct data only
+    for variant, prefixed in (("multitask_plain", False), ("multitask_prefix", True)):
+        task, baseline = load_recipe(REPO / f"configs/shapes/instructblip_ablation/{variant}.yaml", ["world=w"])
+        data = baseline.stages[1].data
+        assert [s.path for s in data.sources] == [f"{{world}}/tasks_plain/{f}/train.json" for f in HELD_IN]
+        assert [s.prefix for s in data.sources] == [f"[{f}:Shapes]" if prefixed else "" for f in HELD_IN]
+        data.sources = sources
+        assert to_dict(baseline) == to_dict(instruct)
 
     task, paper = load_recipe(REPO / "configs/blip2/stage2_opt.yaml")
     stage = paper.stages[0]
@@ -103,3 +114,5 @@ def test_the_shapes_and_paper_recipes_parse():
     assert (optim.lr, optim.weight_decay, optim.betas) == (1e-4, 0.05, (0.9, 0.98))
     assert (schedule.kind, schedule.warmup_steps, stage.train.max_steps) == ("cosine", 2000, 80_000)
     assert stage.train.precision == "bf16" and paper.model.vision.feature_layer == -2
+    generation = paper.eval.generation  # zero-shot VQA: "Question: {} Answer:", 5 beams, short answers favoured
+    assert paper.eval.template == "blip2_vqa" and (generation.num_beams, generation.length_penalty) == (5, -1.0)

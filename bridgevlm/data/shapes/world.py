@@ -9,6 +9,10 @@ read it are the ones that read real LLaVA / COCO-style data):
     captions/{split}.json          LLaVA pre-training form: <image> + detailed caption
     captions_short/{split}.json    the same with the short caption
     instruct/{split}.json          LLaVA conversation form, held-in families, several turns per image
+    tasks/{family}/{split}.json    the same per held-in family (train and val): one dataset per task, for
+                                   multi-dataset instruction tuning (InstructBLIP's mixture)
+    tasks_plain/{family}/{split}.json  the same questions in the family's one fixed phrasing: "plain
+                                   inputs" without instruction variety, for the multitask ablation
     eval/{split}/{family}.json     one question per scene and family: question, answer, candidates
     eval/{split}/classify.json     single-object scenes labelled with their object's colour+shape class
 """
@@ -45,6 +49,7 @@ class WorldConfig:
     test_fraction: float = 0.1
     text_probability: float = 0.35
     turns_per_image: int = 6  # questions packed into one instruction conversation
+    task_files: bool = True  # also write tasks/ and tasks_plain/ (per-family instruction datasets)
 
 
 def split_sizes(cfg: WorldConfig) -> dict[str, int]:
@@ -227,10 +232,26 @@ def build_world(out: str | Path, cfg: WorldConfig, progress: bool = True, splits
         write_json(out / "captions" / f"{split}.json", captions)
         write_json(out / "captions_short" / f"{split}.json", short_captions)
         write_json(out / "instruct" / f"{split}.json", instruct)
+        if cfg.task_files and split != "test":
+            write_task_files(out, split, split_scenes, cfg)
         for family, items in evals.items():
             write_json(out / "eval" / split / f"{family}.json", items)
     write_json(out / "world.json", world_description(cfg, {s: len(v) for s, v in by_split.items()}))
     return out
+
+
+def write_task_files(out: Path, split: str, scenes: Sequence[Scene], cfg: WorldConfig) -> None:
+    """One conversation file per held-in family, in varied and in canonical ("plain") phrasing.
+    Each variant draws the same scenes' questions from its own stream, so the other files' bytes do not
+    depend on whether these are written."""
+    for variant, phrasing in (("tasks", "varied"), ("tasks_plain", "canonical")):
+        for index, family in enumerate(HELD_IN):
+            rng = np.random.default_rng([cfg.seed, 3, SPLITS.index(split), index])
+            records = [{"id": f"{scene.id}_{family}", "image": f"{split}/{scene.id}.png",
+                        "conversations": conversation(scene, rng, (family,), cfg.turns_per_image, "<image>",
+                                                      phrasing=phrasing)}
+                       for scene in scenes if ask(family, scene, np.random.default_rng(0)) is not None]
+            write_json(out / variant / family / f"{split}.json", records)
 
 
 def load_world_description(world_dir: str | Path) -> dict:
