@@ -74,7 +74,8 @@ def _add_eval(sub) -> None:
 def _add_quickstart(sub) -> None:
     p = sub.add_parser("quickstart", help="the whole pipeline on the embedded default, with a report",
                        description="Generate the world, load the shipped tiny backbones (or make them with "
-                                   "--from-scratch), evaluate them, train and evaluate LLaVA on them, and write "
+                                   "--from-scratch), evaluate them, train and evaluate a bridge on them (LLaVA by "
+                                   "default; --bridge qformer: BLIP-2 stage 1 then InstructBLIP), and write "
                                    "DIR/report.json and DIR/report.md.")
     p.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="output directory (default runs/quickstart)")
     p.add_argument("--from-scratch", action="store_true", help="pretrain the tiny CLIP and LM instead of loading them")
@@ -83,7 +84,10 @@ def _add_quickstart(sub) -> None:
     p.add_argument("--recipe", type=Path, default=None, help="backbone recipe for --from-scratch")
     p.add_argument("--llava-recipe", type=Path, default=None,
                    help="recipe for the LLaVA stages (default configs/shapes/llava.yaml)")
-    p.add_argument("--skip-llava", action="store_true", help="stop after the backbones")
+    p.add_argument("--bridge", choices=["llava", "qformer", "all", "none"], default="llava",
+                   help="what to train after the backbones: llava (LLaVA-1.5, the default), qformer (BLIP-2 stage 1, "
+                        "then InstructBLIP; about 15 minutes), all, or none (stop after the backbones)")
+    p.add_argument("--skip-llava", action="store_true", help="the same as --bridge none")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -217,8 +221,9 @@ def _eval(args) -> int:
 def _quickstart(args) -> int:
     from .quickstart import QuickstartOptions, run_quickstart
 
+    bridges = {"llava": ("llava",), "qformer": ("qformer",), "all": ("llava", "qformer"), "none": ()}[args.bridge]
     options = QuickstartOptions(out=args.out, from_scratch=args.from_scratch, budget=args.budget,
-                                llava=not args.skip_llava, progress=not args.no_progress)
+                                bridges=() if args.skip_llava else bridges, progress=not args.no_progress)
     if args.llava_recipe:
         options.llava_recipe = args.llava_recipe
     if args.backbones:

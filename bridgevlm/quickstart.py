@@ -13,6 +13,7 @@ from pathlib import Path
 from .config import ConfigError, from_dict, to_dict
 from .data.shapes.world import WorldConfig, build_world, load_world_description
 from .recipes.backbones import SHIPPED, BackboneRecipe, evaluate_backbones, load_manifest, make_backbones
+from .recipes.blip2 import Blip2Stage1Recipe, run_blip2_stage1
 from .recipes.registry import load_recipe
 from .recipes.vlm import VlmRecipe, run_vlm
 from .report import Report, Section, markdown_table, plot_curves
@@ -23,6 +24,9 @@ DEFAULT_RECIPE = CONFIGS / "shapes" / "backbones.yaml"
 if not DEFAULT_RECIPE.is_file():
     DEFAULT_RECIPE = SHIPPED / "recipe.yaml"
 LLAVA_RECIPE = CONFIGS / "shapes" / "llava.yaml"
+QFORMER_STAGE1_RECIPE = CONFIGS / "shapes" / "blip2_stage1.yaml"
+INSTRUCTBLIP_RECIPE = CONFIGS / "shapes" / "instructblip.yaml"
+BRIDGES = ("llava", "qformer")
 
 
 @dataclass
@@ -33,8 +37,16 @@ class QuickstartOptions:
     backbones: Path = SHIPPED
     recipe: Path = DEFAULT_RECIPE
     llava_recipe: Path = LLAVA_RECIPE
-    llava: bool = True  # run the LLaVA stages after the backbones
+    qformer_stage1_recipe: Path = QFORMER_STAGE1_RECIPE
+    instructblip_recipe: Path = INSTRUCTBLIP_RECIPE
+    # the bridges trained after the backbones: llava (LLaVA-1.5's MLP), qformer (BLIP-2 stage 1, then InstructBLIP)
+    bridges: tuple[str, ...] = ("llava",)
     progress: bool = True
+
+    def __post_init__(self):
+        unknown = [b for b in self.bridges if b not in BRIDGES]
+        if unknown:
+            raise ValueError(f"unknown bridge(s) {', '.join(unknown)}; valid: {', '.join(BRIDGES)}")
 
 
 def run_quickstart(options: QuickstartOptions) -> dict:
@@ -82,20 +94,25 @@ def run_quickstart(options: QuickstartOptions) -> dict:
     _backbone_sections(report, out, backbones, manifest, clip_metrics, lm_metrics)
     report.write()  # the backbone half is on disk even if a later stage fails
 
-    # 4. LLaVA: align the connector on captions, then instruction-tune on the held-in families.
+    # 4. The bridges: LLaVA aligns an MLP on captions, then instruction-tunes on the held-in families;
+    #    the Q-Former learns to read the tower (BLIP-2 stage 1), then generates and follows instructions.
     lines = summary(clip_metrics, lm_metrics)
-    if options.llava:
-        recipe = load_llava_recipe(options.llava_recipe, backbones, world_dir, options.budget)
-        _say(options, f"LLaVA on the shipped backbones: {len(recipe.stages)} stages "
+    test_image = world_dir / "images/test/test_000000.png"
+    if "llava" in options.bridges:
+        recipe = load_vlm_recipe(options.llava_recipe, backbones, world_dir, options.budget)
+        _say(options, f"LLaVA on the backbones: {len(recipe.stages)} stages "
                       f"({', '.join(s.name for s in recipe.stages)}) from {options.llava_recipe}")
         step_start = time.time()
         result = run_vlm(recipe, out / "llava", progress=options.progress)
         report.add_timing("llava (train + evaluate)", time.time() - step_start)
-        llava = llava_metrics(result["metrics"])
+        llava = vlm_metrics(result["metrics"])
         report.add_metrics("llava", llava)
-        _llava_section(report, out, result, llava)
-        lines += "\n" + llava_summary(llava)
-        lines += f"\n\nTry it:  bridgevlm chat {result['model']} --image {world_dir / 'images/test/test_000000.png'}"
+        _vlm_section(report, out, result, llava, "LLaVA", "llava",
+                     "LLaVA-1.5 recipe on the backbones: test-scene accuracy per family")
+        lines += "\n" + vlm_summary("LLaVA", llava)
+        lines += f"\n\nTry it:  bridgevlm chat {result['model']} --image {test_image}"
+    if "qformer" in options.bridges:
+        lines += "\n" + _run_qformer(options, report, out, backbones, world_dir)
     report.add_timing("total", time.time() - started)
     json_path, md_path = report.write()
     _say(options, "\n" + lines + f"\n\nReport: {md_path}\n        {json_path}")
@@ -112,13 +129,64 @@ def load_backbone_recipe(path: Path, budget: float) -> BackboneRecipe:
     return recipe
 
 
-def load_llava_recipe(path: Path, backbones: Path, world: Path, budget: float) -> VlmRecipe:
-    """The LLaVA recipe on these backbones and this world, every stage's steps scaled by `budget`."""
+def _run_qformer(options: QuickstartOptions, report: Report, out: Path, backbones: Path, world_dir: Path) -> str:
+    """BLIP-2 stage 1 on the captions, then InstructBLIP (the generative stage and instruction tuning)
+    from its Q-Former; both sections go into the report. Returns the terminal summary."""
+    stage1 = load_stage1_recipe(options.qformer_stage1_recipe, backbones, world_dir, options.budget)
+    _say(options, f"BLIP-2 stage 1 on the backbones: {stage1.train.max_steps} steps of ITC + ITM + ITG "
+                  f"from {options.qformer_stage1_recipe}")
+    step_start = time.time()
+    stage1_result = run_blip2_stage1(stage1, out / "blip2_stage1", progress=options.progress)
+    report.add_timing("blip2 stage 1 (train + evaluate)", time.time() - step_start)
+    retrieval = stage1_result["metrics"]
+    report.add_metrics("blip2_stage1", retrieval)
+    rows = [[f"{label} R@{k}", retrieval.get(f"itc_{key}recall_at_{k}", "n/a"), retrieval.get(f"itm_{key}recall_at_{k}", "n/a")]
+            for label, key in (("image->text", ""), ("text->image", "text_")) for k in (1, 5)]
+    report.add_section(Section("BLIP-2 stage 1", (
+        f"Q-Former pre-training on the frozen tower ({stage1.train.max_steps} steps), retrieval on the "
+        f"{stage1.eval.split} captions: ITC alone, and its top {stage1.eval.retrieval.rerank_top_k} re-ranked by ITM."),
+        [markdown_table(["retrieval", "ITC", "ITC + ITM re-ranked"], rows)]))
+
+    recipe = load_vlm_recipe(options.instructblip_recipe, backbones, world_dir, options.budget)
+    recipe.model.connector.init = str(out / "blip2_stage1")
+    _say(options, f"InstructBLIP from that Q-Former: {len(recipe.stages)} stages "
+                  f"({', '.join(s.name for s in recipe.stages)}) from {options.instructblip_recipe}")
+    step_start = time.time()
+    result = run_vlm(recipe, out / "instructblip", progress=options.progress)
+    report.add_timing("instructblip (train + evaluate)", time.time() - step_start)
+    instructblip = vlm_metrics(result["metrics"])
+    report.add_metrics("instructblip", instructblip)
+    _vlm_section(report, out, result, instructblip, "InstructBLIP", "instructblip",
+                 "InstructBLIP recipe (Q-Former from BLIP-2 stage 1, frozen tower and LM): test-scene accuracy "
+                 "per family")
+    return (f"BLIP-2 stage 1 image->text R@1: ITC {retrieval.get('itc_recall_at_1', float('nan')):.3f}, "
+            f"ITC+ITM {retrieval.get('itm_recall_at_1', float('nan')):.3f}\n"
+            + vlm_summary("InstructBLIP", instructblip)
+            + f"\n\nTry it:  bridgevlm chat {result['model']} --image {world_dir / 'images/test/test_000000.png'}")
+
+
+def load_stage1_recipe(path: Path, backbones: Path, world: Path, budget: float) -> Blip2Stage1Recipe:
+    """The BLIP-2 stage-1 recipe reading these backbones' tower and tokenizer, steps scaled by `budget`."""
+    task, recipe = _load_task(path, "blip2_stage1", "BLIP-2 stage 1")
+    recipe.world = str(world)
+    recipe.vision.path = str(Path(backbones) / "clip")
+    recipe.tokenizer = str(Path(backbones) / "tokenizer")
+    recipe.train.max_steps = max(1, round(recipe.train.max_steps * budget))
+    return recipe
+
+
+def _load_task(path: Path, task_name: str, what: str):
     if not Path(path).is_file():
-        raise ConfigError(f"LLaVA recipe not found: {path} (run from a clone of the repository, or pass one)")
+        raise ConfigError(f"{what} recipe not found: {path} (run from a clone of the repository, or pass one)")
     task, recipe = load_recipe(path)
-    if task != "vlm":
-        raise ConfigError(f"{path}: the LLaVA stages need a recipe with task: vlm, got task: {task}")
+    if task != task_name:
+        raise ConfigError(f"{path}: the {what} stages need a recipe with task: {task_name}, got task: {task}")
+    return task, recipe
+
+
+def load_vlm_recipe(path: Path, backbones: Path, world: Path, budget: float) -> VlmRecipe:
+    """A vision-language recipe on these backbones and this world, every stage's steps scaled by `budget`."""
+    task, recipe = _load_task(path, "vlm", "vision-language")
     recipe.world = str(world)
     recipe.model.vision.path = str(Path(backbones) / "clip")
     recipe.model.llm = str(Path(backbones) / "lm")
@@ -127,7 +195,7 @@ def load_llava_recipe(path: Path, backbones: Path, world: Path, budget: float) -
     return recipe
 
 
-def llava_metrics(metrics: dict) -> dict:
+def vlm_metrics(metrics: dict) -> dict:
     """Flat metrics: held_in.<family>, held_out.<family>, their means, and the same under blind.*."""
     flat = {}
     for prefix, key in (("", "vqa"), ("blind.", "blind")):
@@ -141,39 +209,39 @@ def llava_metrics(metrics: dict) -> dict:
     return flat
 
 
-def llava_summary(llava: dict) -> str:
-    text = (f"LLaVA held-in mean {llava['held_in_mean']:.3f}   held-out mean {llava['held_out_mean']:.3f}")
-    if "blind.held_in_mean" in llava:
-        text += (f"   (blind: {llava['blind.held_in_mean']:.3f} / {llava['blind.held_out_mean']:.3f})")
-    families = sorted(k for k in llava if k.startswith(("held_in.", "held_out.")))
-    return text + "\n      " + "  ".join(f"{k.split('.', 1)[1]} {llava[k]:.2f}" for k in families)
+def vlm_summary(title: str, flat: dict) -> str:
+    text = (f"{title} held-in mean {flat['held_in_mean']:.3f}   held-out mean {flat['held_out_mean']:.3f}")
+    if "blind.held_in_mean" in flat:
+        text += (f"   (blind: {flat['blind.held_in_mean']:.3f} / {flat['blind.held_out_mean']:.3f})")
+    families = sorted(k for k in flat if k.startswith(("held_in.", "held_out.")))
+    return text + "\n      " + "  ".join(f"{k.split('.', 1)[1]} {flat[k]:.2f}" for k in families)
 
 
-def _llava_section(report: Report, out: Path, result: dict, llava: dict) -> None:
+def _vlm_section(report: Report, out: Path, result: dict, flat: dict, title: str, name: str, what: str) -> None:
+    """A bridge's report section: accuracy per family (and blind), its stages, its accuracy curve."""
     rows = []
     for group in ("held_in", "held_out"):
-        for key in sorted(k for k in llava if k.startswith(group + ".")):
-            family = key.split(".", 1)[1]
-            rows.append([family, group.replace("_", "-"), llava[key], llava.get(f"blind.{key}", "n/a")])
-        rows.append([f"**{group.replace('_', '-')} mean**", "", llava[f"{group}_mean"],
-                     llava.get(f"blind.{group}_mean", "n/a")])
+        for metric in sorted(k for k in flat if k.startswith(group + ".")):
+            family = metric.split(".", 1)[1]
+            rows.append([family, group.replace("_", "-"), flat[metric], flat.get(f"blind.{metric}", "n/a")])
+        rows.append([f"**{group.replace('_', '-')} mean**", "", flat[f"{group}_mean"],
+                     flat.get(f"blind.{group}_mean", "n/a")])
     stage_rows = [[name, info["steps"], round(info["seconds"], 1), info["final_loss"],
                    info["data"]["samples"], info["data"]["supervised_share"]]
                   for name, info in result["stages"].items()]
     figures = []
     curve = _accuracy_curve(result["stages"])
     if curve:
-        figure = plot_curves(out / "figures" / "llava_accuracy.png", curve, "training minutes",
-                             "val accuracy", "LLaVA accuracy while training")
+        figure = plot_curves(out / "figures" / f"{name}_accuracy.png", curve, "training minutes",
+                             "val accuracy", f"{title} accuracy while training")
         figures.append(str(figure.relative_to(out)))
-    report.set("llava_curve", {name: {"minutes": xs, "accuracy": ys} for name, (xs, ys) in curve.items()})
-    text = (f"LLaVA-1.5 recipe on the backbones: test-scene accuracy per family; *blind* asks the same "
-            f"questions without the image. Model: `{result['model']}`.")
+    report.set(f"{name}_curve", {group: {"minutes": xs, "accuracy": ys} for group, (xs, ys) in curve.items()})
+    text = f"{what}; *blind* asks the same questions without the image. Model: `{result['model']}`."
     tables = [markdown_table(["family", "group", "accuracy", "blind"], rows)]
     if stage_rows:
         tables.append(markdown_table(["stage", "steps", "train seconds", "final loss", "samples",
                                       "supervised share"], stage_rows))
-    report.add_section(Section("LLaVA", text, tables, figures))
+    report.add_section(Section(title, text, tables, figures))
 
 
 def _accuracy_curve(stages: dict) -> dict:

@@ -93,6 +93,29 @@ class _Tiny:
         return path
 
     @staticmethod
+    def qformer_recipes(directory, steps: int = 2):
+        """configs/shapes/{blip2_stage1,instructblip}.yaml with a tiny Q-Former and seconds-long stages.
+        Returns (stage-1 recipe path, InstructBLIP recipe path)."""
+        import yaml
+
+        from bridgevlm.quickstart import INSTRUCTBLIP_RECIPE, QFORMER_STAGE1_RECIPE
+
+        stage1 = yaml.safe_load(QFORMER_STAGE1_RECIPE.read_text())
+        stage1["qformer"].update(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, num_query_tokens=4)
+        stage1["objectives"].update(embed_dim=16)
+        stage1["eval"]["retrieval"].update(rerank_top_k=4)
+        stage1["train"].update(batch_size=8, max_steps=steps, eval_every=steps, save_every=steps, log_every=1)
+        instruct = yaml.safe_load(INSTRUCTBLIP_RECIPE.read_text())
+        for stage in instruct["stages"]:
+            stage["train"].update(batch_size=4, max_steps=steps, eval_every=steps, log_every=1)
+            stage["data"].pop("samples_per_epoch", None)
+        instruct["eval"].update(limit_per_family=2, progress_limit_per_family=1)
+        paths = directory / "blip2_stage1.yaml", directory / "instructblip.yaml"
+        for path, recipe in zip(paths, (stage1, instruct)):
+            path.write_text(yaml.safe_dump(recipe))
+        return paths
+
+    @staticmethod
     def backbones(steps: int = 3):
         from bridgevlm.config import from_dict
         from bridgevlm.recipes.backbones import BackboneRecipe
@@ -162,6 +185,23 @@ def vlm_parts(tokenizer, tmp_path_factory):
     llm.save_pretrained(out / "llm")
     tokenizer.save_pretrained(out / "llm")
     return {"vision": {"path": str(out / "vision")}, "llm": str(out / "llm"), "connector": {"kind": "mlp2x_gelu"}}
+
+
+@pytest.fixture(scope="session")
+def t5_parts(vlm_parts, tokenizer, tmp_path_factory):
+    """`vlm_parts` with a tiny FlanT5-shaped encoder-decoder LLM (the session tokenizer; the decoder
+    starts from the pad id, as T5's does) in place of the Llama."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    out = tmp_path_factory.mktemp("t5_parts")
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(T5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {**vlm_parts, "llm": str(out), "image_aspect": "crop"}
 
 
 @pytest.fixture(scope="session")

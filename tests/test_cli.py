@@ -26,12 +26,13 @@ def test_top_level_help_lists_the_commands_and_examples(capsys):
 @pytest.mark.parametrize("command,options", [
     ("world", ["--out", "--seed", "--scenes", "--image-size", "--text-probability"]),
     ("train", ["recipe", "overrides", "--out", "--no-progress"]),
-    ("eval", ["{clip,lm,vlm}", "model", "--world", "--split", "--template", "--limit", "--blind"]),
+    ("eval", ["{clip,lm,vlm}", "model", "--world", "--split", "--template", "--limit", "--blind", "--rank-candidates",
+              "--num-beams", "--length-penalty", "--max-new-tokens"]),
     ("chat", ["model", "--image", "--max-new-tokens", "--temperature", "--top-p", "--num-beams", "/reset"]),
     ("export", ["model", "--out", "--format", "LoRA"]),
     ("convert", ["source", "--out", "Llava"]),
     ("quickstart", ["--out", "--from-scratch", "--budget", "--backbones", "--recipe", "--llava-recipe", "--skip-llava",
-                    "--no-progress"]),
+                    "--bridge", "{llava,qformer,all,none}", "--no-progress"]),
 ])
 def test_subcommand_help_mentions_its_options(capsys, command, options):
     text = _help(capsys, [command])

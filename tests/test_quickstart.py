@@ -90,6 +90,34 @@ def test_llava_half(quickstart, tiny_backbones):
     assert len(curve["minutes"]) == 4 and curve["minutes"] == sorted(curve["minutes"])
 
 
+def test_the_qformer_bridge_pretrains_a_qformer_then_instruction_tunes_it(tiny_backbones, tiny, tmp_path):
+    stage1, instructblip = tiny.qformer_recipes(tmp_path)
+    out = tmp_path / "qs"
+    data = run_quickstart(QuickstartOptions(out=out, backbones=tiny_backbones, bridges=("qformer",),
+                                            qformer_stage1_recipe=stage1, instructblip_recipe=instructblip,
+                                            progress=False))
+    retrieval = data["metrics"]["blip2_stage1"]
+    for method in ("itc", "itm"):
+        assert 0.0 <= retrieval[f"{method}_recall_at_1"] <= retrieval[f"{method}_recall_at_5"] <= 1.0
+    instruct = data["metrics"]["instructblip"]
+    for prefix in ("", "blind."):
+        assert 0.0 <= instruct[f"{prefix}held_in_mean"] <= 1.0 and 0.0 <= instruct[f"{prefix}held_out_mean"] <= 1.0
+    assert "llava" not in data["metrics"]
+    config = yaml.safe_load((out / "instructblip/config.yaml").read_text())
+    assert config["model"]["connector"]["init"] == str(out / "blip2_stage1")
+    assert config["model"]["llm"] == str(tiny_backbones / "lm")
+    assert yaml.safe_load((out / "blip2_stage1/config.yaml").read_text())["tokenizer"] == str(tiny_backbones / "tokenizer")
+    markdown = (out / "report.md").read_text()
+    assert "## BLIP-2 stage 1" in markdown and "## InstructBLIP" in markdown
+    assert f"| image->text R@1 | {retrieval['itc_recall_at_1']:.3f} | {retrieval['itm_recall_at_1']:.3f} |" in markdown
+    assert {"blip2 stage 1 (train + evaluate)", "instructblip (train + evaluate)"} <= set(data["timings_s"])
+
+
+def test_an_unknown_bridge_is_named(tmp_path):
+    with pytest.raises(ValueError, match="unknown bridge.*clip.*valid: llava, qformer"):
+        QuickstartOptions(out=tmp_path, bridges=("clip",))
+
+
 def test_missing_backbones_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="manifest.json not found"):
         run_quickstart(QuickstartOptions(out=tmp_path / "out", backbones=tmp_path / "none", progress=False))
@@ -112,7 +140,7 @@ def test_budget_scales_every_stage(tmp_path, tiny, budget, steps):
 def test_from_scratch(tmp_path, tiny):
     recipe = _recipe_file(tmp_path, tiny, steps=2)
     out = tmp_path / "qs"
-    data = run_quickstart(QuickstartOptions(out=out, from_scratch=True, recipe=recipe, budget=1.5, llava=False,
+    data = run_quickstart(QuickstartOptions(out=out, from_scratch=True, recipe=recipe, budget=1.5, bridges=(),
                                             progress=False))
     manifest = json.loads((out / "backbones" / "manifest.json").read_text())
     assert manifest["steps"] == {"clip": 3, "lm": 3}  # 2 steps x budget 1.5

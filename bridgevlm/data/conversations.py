@@ -41,6 +41,39 @@ def record_images(record: dict) -> list[str]:
     return [image] if isinstance(image, str) else list(image)
 
 
+def check_image_tags(records: Sequence[dict], images: ImageSource | None, error) -> None:
+    """Every record's `<image>` tags must match its images one to one. `error(index, message)` makes
+    the exception, naming the sample."""
+    for index, record in enumerate(records):
+        tags = sum(m.get("value", "").count(IMAGE_TAG) for m in record.get("conversations", []))
+        count = len(record_images(record))
+        if count and images is None:
+            raise error(index, f"has {count} image(s) but this dataset was built without an image folder")
+        if images is not None and tags != count:
+            hint = ("add an '<image>\\n' tag to the first user turn" if count > tags else
+                    "remove the tag or give the sample an 'image'")
+            raise error(index, f"has {tags} {IMAGE_TAG} tag(s) but {count} image(s); {hint}")
+
+
+def image_fields(record: dict, index: int, messages: Sequence[dict], images: ImageSource,
+                 instructions: InstructionTokenizer | None, source: str) -> dict:
+    """A sample's `sample_id` and the images whose tags `messages` (the record's conversation, or its
+    beginning) hold, which are the record's first ones: uint8 `pixels` [n, 3, H, W], or `features`
+    [n, N, Dv] from the feature cache, and with `instructions`, per image the Q-Former tokens of the
+    turn holding its tag (`instruction_ids`)."""
+    fields = {"sample_id": record.get("id", index)}
+    paths = record_images(record)[:sum(m.get("value", "").count(IMAGE_TAG) for m in messages)]
+    if paths and instructions is not None:  # one per image: tags and images match one to one
+        fields["instruction_ids"] = [instructions.encode(text) for text in image_instructions(messages)]
+    if paths and images.features is not None:
+        fields["features"] = torch.stack([images.features.get(images.folder / p) for p in paths])
+    elif paths:
+        name = f"{index} (id {record.get('id', '?')!r}) of {source}"
+        fields["pixels"] = torch.stack([images.processor.to_uint8(load_image(images.folder / p, sample=name))
+                                        for p in paths])
+    return fields
+
+
 class ConversationDataset(Dataset):
     """Tokenised conversations, and their images (uint8 [n, 3, H, W]) when `images` is given.
 
@@ -63,7 +96,7 @@ class ConversationDataset(Dataset):
         self.records, self.tokenizer, self.template = records, tokenizer, template
         self.max_length, self.source, self.supervise_all = max_length, source, supervise_all
         self.images, self.instructions = images, instructions
-        self._check_image_tags()
+        check_image_tags(records, images, self._error)
         self.samples: list[dict] | None = None
         if pretokenize:
             texts = sorted({piece for i in range(len(records)) for seg in self._segments(i) if seg.text
@@ -95,18 +128,8 @@ class ConversationDataset(Dataset):
         if self.images is None:
             return sample
         record = self.records[index]
-        paths = record_images(record)
-        sample = dict(sample, sample_id=record.get("id", index))
-        if paths and self.instructions is not None:  # one per image: the construction checks tags == images
-            sample["instruction_ids"] = [self.instructions.encode(text)
-                                         for text in image_instructions(record["conversations"])]
-        if paths and self.images.features is not None:
-            sample["features"] = torch.stack([self.images.features.get(self.images.folder / p) for p in paths])
-        elif paths:
-            name = f"{index} (id {record.get('id', '?')!r}) of {self.source}"
-            pixels = [self.images.processor.to_uint8(load_image(self.images.folder / p, sample=name)) for p in paths]
-            sample["pixels"] = torch.stack(pixels)
-        return sample
+        return dict(sample, **image_fields(record, index, record["conversations"], self.images, self.instructions,
+                                           self.source))
 
     def _pieces(self, text: str) -> list[str]:
         return [p for p in split_image_tags(text) if p] if self.images else [text]
@@ -119,17 +142,6 @@ class ConversationDataset(Dataset):
 
     def _error(self, index: int, error: Exception | str) -> ConversationError:
         return ConversationError(f"{self.source}: sample {index} (id {self.records[index].get('id', '?')!r}): {error}")
-
-    def _check_image_tags(self) -> None:
-        for index, record in enumerate(self.records):
-            tags = sum(m.get("value", "").count(IMAGE_TAG) for m in record.get("conversations", []))
-            images = len(record_images(record))
-            if images and self.images is None:
-                raise self._error(index, f"has {images} image(s) but this dataset was built without an image folder")
-            if self.images is not None and tags != images:
-                hint = ("add an '<image>\\n' tag to the first user turn" if images > tags else
-                        "remove the tag or give the sample an 'image'")
-                raise self._error(index, f"has {tags} {IMAGE_TAG} tag(s) but {images} image(s); {hint}")
 
     def _tokenize(self, index: int, encode=None) -> dict:
         record = self.records[index]

@@ -10,6 +10,11 @@ where the images go too, and a target text for the decoder.
 Images come first in the source (as BLIP-2 prepends its query tokens), whatever turn held their
 tags. The randomness comes from an explicit `random.Random`, so a data pipeline can seed it per
 sample and epoch and get the same split again.
+
+A conversation template decides which: `plain` (caption data) splits captions, any other renders
+questions in its turn format ("USER: {} ASSISTANT:", "Question: {} Short answer:"). Inference builds
+the encoder prompt with the same functions (`encoder_prompt`, `tokenize_source`), so a prompt equals
+the source of the training sample that would answer it.
 """
 from __future__ import annotations
 
@@ -21,7 +26,15 @@ import torch
 
 from .conversations import PadCollator
 from .instructions import without_image_tags
-from .templates import IGNORE_INDEX, IMAGE_TAG, ConversationError, ImagePlaceholder, split_image_tags
+from .templates import (
+    IGNORE_INDEX,
+    IMAGE_TAG,
+    ConversationError,
+    ConversationTemplate,
+    ImagePlaceholder,
+    USER_ROLES,
+    split_image_tags,
+)
 
 
 @dataclass(frozen=True)
@@ -30,10 +43,14 @@ class PrefixLmText:
     target: str  # the decoder's
 
 
+def _roles(messages: Sequence[dict]) -> list[tuple[bool, str]]:
+    """(is_user, text) per message."""
+    return [(m.get("from", m.get("role")) in USER_ROLES, m.get("value", m.get("content", ""))) for m in messages]
+
+
 def _turns(messages: Sequence[dict]) -> list[tuple[bool, str]]:
     """(is_user, text) per message; the conversation must end with a reply, the target."""
-    turns = [(m.get("from", m.get("role")) in ("human", "user"), m.get("value", m.get("content", "")))
-             for m in messages]
+    turns = _roles(messages)
     if not turns or turns[-1][0]:
         raise ConversationError("a prefix-LM sample needs the conversation to end with a reply: its target")
     return turns
@@ -57,12 +74,21 @@ def caption_text(messages: Sequence[dict], rng: random.Random, min_target_words:
     return PrefixLmText(_image_tags(turns) + " ".join(words[:cut]), " ".join(words[cut:]))
 
 
-def qa_text(messages: Sequence[dict], prompt: str = "{}") -> PrefixLmText:
-    """A question-answer conversation -> image + the user turns (each as `prompt.format(text)`, earlier
-    replies after their questions, one exchange per line), and the last reply."""
+def _asking(messages: Sequence[dict]) -> list[tuple[bool, str]]:
+    """(is_user, text) per message; the conversation must end with the user turn being answered."""
+    turns = _roles(messages)
+    if not turns or not turns[-1][0]:
+        raise ConversationError("an encoder prompt needs the conversation to end with the user turn being answered")
+    return turns
+
+
+def qa_source(messages: Sequence[dict], prompt: str = "{}", history: int | None = None) -> str:
+    """The encoder text for a conversation that ends with the user turn being answered: its images,
+    the earlier exchanges (each `prompt.format(question) reply`, one per line; only the last `history`
+    of them when given), then the question as `prompt.format(question)`."""
     if "{}" not in prompt:
         raise ValueError(f"prompt {prompt!r} needs a {{}} where the question goes")
-    turns = _turns(messages)
+    turns = _asking(messages)
     lines, line = [], ""
     for is_user, text in turns[:-1]:
         if is_user:
@@ -70,7 +96,37 @@ def qa_text(messages: Sequence[dict], prompt: str = "{}") -> PrefixLmText:
         else:
             lines.append(f"{line} {text}")
             line = ""
-    return PrefixLmText(_image_tags(turns) + "\n".join(lines + [line]), turns[-1][1])
+    kept = lines if history is None else lines[max(len(lines) - history, 0):]
+    return _image_tags(turns) + "\n".join(kept + [prompt.format(without_image_tags(turns[-1][1]))])
+
+
+def qa_text(messages: Sequence[dict], prompt: str = "{}", history: int | None = None) -> PrefixLmText:
+    """A question-answer conversation -> image + the user turns (each as `prompt.format(text)`, earlier
+    replies after their questions, one exchange per line; see `qa_source`), and the last reply."""
+    turns = _turns(messages)
+    return PrefixLmText(qa_source(messages[:-1], prompt, history), turns[-1][1])
+
+
+def question_format(template) -> str:
+    """A template's turn format as a question prompt for `qa_text`: "USER: {} ASSISTANT:" for vicuna_v1,
+    "Question: {} Short answer:" for blip2_vqa_short. The system sentence is left out: BLIP-2's and
+    InstructBLIP's encoder prompts have none, and an encoder need not be told it is an assistant."""
+    if not isinstance(template, ConversationTemplate):
+        raise ConversationError(f"the {template.name!r} format renders decoder-only chat prompts; an encoder-decoder "
+                                f"LLM needs a turn format such as vicuna_v1_nosys or blip2_vqa_short")
+    def escaped(text: str) -> str:
+        return text.replace("{", "{{").replace("}", "}}")
+
+    return escaped(template.user) + "{}" + escaped(template.user_sep + template.assistant)
+
+
+def encoder_prompt(messages: Sequence[dict], template) -> str:
+    """The encoder text for a conversation ending with a user turn, as training builds the source of
+    the sample answering it: with `plain` (captions) the images alone (a split before the caption's
+    first word), else the conversation in the template's question format."""
+    if getattr(template, "plain", False):
+        return _image_tags(_asking(messages))
+    return qa_source(messages, question_format(template))
 
 
 @dataclass
@@ -80,35 +136,58 @@ class TokenizedPrefixLm:
     num_images: int = 0
 
 
+def _encoder(tokenizer, encode):
+    return encode or (lambda piece: tokenizer(piece, add_special_tokens=False)["input_ids"])
+
+
+def _eos(tokenizer) -> list[int]:
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+
+def tokenize_source(tokenizer, source: str, image_placeholder: ImagePlaceholder | None = None,
+                    max_source_length: int | None = None, encode=None) -> list[int]:
+    """Encoder ids: each `<image>` tag as `image_placeholder` copies, the text, EOS (as T5's tokenizer
+    ends every text). Too long a source keeps its beginning and its EOS; one whose images alone do not
+    fit is an error, never an image cut in half."""
+    encode, eos = _encoder(tokenizer, encode), _eos(tokenizer)
+    ids = []
+    for piece in split_image_tags(source):
+        if piece is not None:
+            ids += encode(piece)
+        elif image_placeholder is not None:
+            ids += [image_placeholder.token_id] * image_placeholder.count
+        else:
+            raise ConversationError("the source has an <image> tag but no image_placeholder to stand for it")
+    images = ids.count(image_placeholder.token_id) if image_placeholder else 0
+    if max_source_length is not None and len(ids) + len(eos) > max_source_length:
+        ids = ids[:max(max_source_length - len(eos), 0)]
+        if image_placeholder and ids.count(image_placeholder.token_id) != images:
+            raise ConversationError(f"the source's {images} image token(s) do not fit max_source_length "
+                                    f"{max_source_length}")
+    return ids + eos
+
+
+def tokenize_target(tokenizer, target: str, max_target_length: int | None = None, encode=None) -> list[int]:
+    """Decoder targets: the text and EOS. No BOS: the decoder start token opens the target. Too long a
+    target keeps its beginning and its EOS."""
+    encode, eos = _encoder(tokenizer, encode), _eos(tokenizer)
+    ids = list(encode(target)) if target else []
+    if max_target_length is not None:
+        ids = ids[:max(max_target_length - len(eos), 0)]
+    if not ids + eos:
+        raise ConversationError("the target is empty and the tokenizer has no EOS: nothing would be supervised")
+    return ids + eos
+
+
 def tokenize_prefix_lm(tokenizer, text: PrefixLmText, image_placeholder: ImagePlaceholder | None = None,
                        max_source_length: int | None = None, max_target_length: int | None = None,
                        encode=None) -> TokenizedPrefixLm:
-    """Encoder ids (each `<image>` tag as `image_placeholder` copies, the text, EOS) and decoder targets
-    (the text, EOS), as T5's tokenizer, and HF's BLIP-2 processor with it, end both. No BOS: the
-    decoder start token opens the target. Too long a source or target keeps its beginning and its EOS;
-    a source whose images alone do not fit is an error, never an image cut in half."""
-    encode = encode or (lambda piece: tokenizer(piece, add_special_tokens=False)["input_ids"])
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    source = []
-    for piece in split_image_tags(text.source):
-        if piece is not None:
-            source += encode(piece)
-        elif image_placeholder is not None:
-            source += [image_placeholder.token_id] * image_placeholder.count
-        else:
-            raise ConversationError("the source has an <image> tag but no image_placeholder to stand for it")
-    target = list(encode(text.target)) if text.target else []
-    images = source.count(image_placeholder.token_id) if image_placeholder else 0
-    if max_source_length is not None and len(source) + len(eos) > max_source_length:
-        source = source[:max(max_source_length - len(eos), 0)]
-        if image_placeholder and source.count(image_placeholder.token_id) != images:
-            raise ConversationError(f"the source's {images} image token(s) do not fit max_source_length "
-                                    f"{max_source_length}")
-    if max_target_length is not None:
-        target = target[:max(max_target_length - len(eos), 0)]
-    if not target + eos:
-        raise ConversationError("the target is empty and the tokenizer has no EOS: nothing would be supervised")
-    return TokenizedPrefixLm(source + eos, target + eos, images // image_placeholder.count if images else 0)
+    """Encoder ids (`tokenize_source`) and decoder targets (`tokenize_target`), each ending with EOS as
+    T5's tokenizer, and HF's BLIP-2 processor with it, end both."""
+    source = tokenize_source(tokenizer, text.source, image_placeholder, max_source_length, encode)
+    target = tokenize_target(tokenizer, text.target, max_target_length, encode)
+    images = source.count(image_placeholder.token_id) // image_placeholder.count if image_placeholder else 0
+    return TokenizedPrefixLm(source, target, images)
 
 
 @dataclass

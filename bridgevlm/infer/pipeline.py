@@ -2,6 +2,8 @@
 
 A Q-Former that reads instructions (InstructBLIP) gets, with every image of a prompt, the user turn
 being answered (data/instructions.py), so the visual tokens are extracted for the current question.
+An encoder-decoder LLM (FlanT5) reads the prompt its training samples' encoder side had
+(data/prefix_lm.py); its decoder writes the reply.
 """
 from __future__ import annotations
 
@@ -12,9 +14,20 @@ import torch
 from PIL import Image
 
 from ..data.instructions import current_instruction, pad_instructions
+from ..data.prefix_lm import encoder_prompt, tokenize_source
 from ..data.templates import IMAGE_TAG, ConversationTemplate, get_template, tokenize_conversation
 from ..models.assemble import LoadedVlm
 from .generate import GenerationConfig, cut_at_stop, generate, left_pad, stream_tokens
+
+
+def prompt_ids(loaded: LoadedVlm, template: ConversationTemplate, messages: list[dict]) -> list[int]:
+    """A conversation ending with a user turn -> the prompt's ids, image placeholders included: what
+    precedes the reply (causal LLM), or the encoder's input, built as training built its source
+    (encoder-decoder LLM)."""
+    if loaded.model.llm.is_encoder_decoder:
+        return tokenize_source(loaded.tokenizer, encoder_prompt(messages, template), loaded.placeholder)
+    return tokenize_conversation(loaded.tokenizer, template, messages, add_generation_prompt=True,
+                                 image_placeholder=loaded.placeholder).input_ids
 
 
 def prepare_prompts(loaded: LoadedVlm, template: ConversationTemplate, conversations: Sequence[list[dict]],
@@ -23,12 +36,13 @@ def prepare_prompts(loaded: LoadedVlm, template: ConversationTemplate, conversat
     `images[i]` are conversation i's images, in the order of its `<image>` tags. For a connector that
     reads instructions, also `qformer_input_ids` / `qformer_attention_mask` [I, Tq]: each image's
     conversation's last user turn."""
-    rows = [tokenize_conversation(loaded.tokenizer, template, c, add_generation_prompt=True,
-                                  image_placeholder=loaded.placeholder) for c in conversations]
+    rows = [prompt_ids(loaded, template, c) for c in conversations]
+    placeholder = loaded.placeholder
     for index, (row, imgs) in enumerate(zip(rows, images)):
-        if row.num_images != len(imgs):
-            raise ValueError(f"prompt {index} has {row.num_images} {IMAGE_TAG} tag(s) but {len(imgs)} image(s)")
-    ids, mask = left_pad([r.input_ids for r in rows], loaded.tokenizer.pad_token_id)
+        tags = row.count(placeholder.token_id) // placeholder.count
+        if tags != len(imgs):
+            raise ValueError(f"prompt {index} has {tags} {IMAGE_TAG} tag(s) but {len(imgs)} image(s)")
+    ids, mask = left_pad(rows, loaded.tokenizer.pad_token_id)
     flat = [img for imgs in images for img in imgs]
     pixels = loaded.processor.normalize(torch.stack([loaded.processor.to_uint8(i) for i in flat])) if flat else None
     batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}

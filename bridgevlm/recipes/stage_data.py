@@ -3,6 +3,9 @@
 A mixture draws dataset d with probability ∝ weight_d·√S_d (data/mixing.py); each source may open
 every user turn with a fixed prefix, which is how the `[Task:Dataset]` multitask baseline is made
 from the same files as instruction tuning.
+
+A causal LLM trains on tokenised conversations; an encoder-decoder one (FlanT5) on prefix-LM samples
+(data/prefix_lm_dataset.py) built from the same files.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from pathlib import Path
 from torch.utils.data import ConcatDataset, Dataset
 
 from ..data.conversations import ConversationDataset, ImageSource, record_images
+from ..data.prefix_lm_dataset import PrefixLmDataset
 from ..data.formats import read_conversations
 from ..data.mixing import DatasetMix, MixtureSampler
 from ..data.task_prefix import prefix_user_turns
@@ -80,13 +84,29 @@ class StageDataset:
     report: dict  # supervision share, overall and per source
 
 
+class EpochConcatDataset(ConcatDataset):
+    """A ConcatDataset that passes `set_epoch` on to its parts (prefix-LM caption splits depend on it)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        for part in self.datasets:
+            if hasattr(part, "set_epoch"):
+                part.set_epoch(epoch)
+
+
 def build_stage_dataset(data: StageData, sources: list[SourceRecords], tokenizer, template, processor,
-                        placeholder, feature_cache, instructions, dist: DistContext) -> StageDataset:
-    """Tokenised datasets, one per source; several are concatenated and drawn by a MixtureSampler."""
-    parts = [ConversationDataset(s.records, tokenizer, template, data.max_length, source=s.source.path,
-                                 pretokenize=data.pretokenize, instructions=instructions,
-                                 images=ImageSource(Path(s.source.image_folder), processor, placeholder, feature_cache))
-             for s in sources]
+                        placeholder, feature_cache, instructions, dist: DistContext, encoder_decoder: bool = False,
+                        seed: int = 0) -> StageDataset:
+    """Tokenised datasets, one per source; several are concatenated and drawn by a MixtureSampler.
+    `encoder_decoder`: prefix-LM samples, whose random caption splits are drawn from `seed`."""
+    def part(source: SourceRecords) -> Dataset:
+        images = ImageSource(Path(source.source.image_folder), processor, placeholder, feature_cache)
+        if encoder_decoder:
+            return PrefixLmDataset(source.records, tokenizer, template, data.max_length, source=source.source.path,
+                                   seed=seed, pretokenize=data.pretokenize, images=images, instructions=instructions)
+        return ConversationDataset(source.records, tokenizer, template, data.max_length, source=source.source.path,
+                                   pretokenize=data.pretokenize, instructions=instructions, images=images)
+
+    parts = [part(s) for s in sources]
     reports = {s.source.name: part.supervision_report() for s, part in zip(sources, parts)}
     tokens = sum(r["tokens"] for r in reports.values())
     supervised = sum(r["supervised_tokens"] for r in reports.values())
@@ -99,4 +119,4 @@ def build_stage_dataset(data: StageData, sources: list[SourceRecords], tokenizer
     sampler = MixtureSampler({name: r["samples"] for name, r in reports.items()}, mix, dist.rank, dist.world_size)
     report["sources"] = {name: {**r, "probability": float(p)}
                          for (name, r), p in zip(reports.items(), sampler.probabilities)}
-    return StageDataset(ConcatDataset(parts), sampler, report)
+    return StageDataset(EpochConcatDataset(parts), sampler, report)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..config import save_config, to_dict
 from ..data.conversations import PadCollator
+from ..data.prefix_lm import PrefixLmCollator
 from ..data.feature_cache import FeatureCache
 from ..data.templates import get_template
 from ..eval.vqa import evaluate_vqa_on_world
@@ -111,16 +112,19 @@ def run_stage(loaded: LoadedVlm, stage: Stage, out: Path, progress: bool = True,
     sources = read_sources(stage.data, stage.name)
     cache = _feature_cache(loaded, stage, sources, out, progress, dist)
     instructions = loaded.instruction_tokenizer()  # InstructBLIP: each image's turn also goes to the Q-Former
+    # An encoder-decoder LLM (BLIP-2 with FlanT5) trains on prefix-LM samples: source to encoder, target to decoder.
+    encoder_decoder = model.llm.is_encoder_decoder
     data = build_stage_dataset(stage.data, sources, loaded.tokenizer, template, loaded.processor, loaded.placeholder,
-                               cache, instructions, dist)
+                               cache, instructions, dist, encoder_decoder=encoder_decoder, seed=stage.train.seed)
     data_report = data.report
     logger.info("stage %s data: %d samples, %.1f%% of %d tokens supervised%s", stage.name, data_report["samples"],
                 100 * data_report["supervised_share"], data_report["tokens"],
                 f"; Q-Former instructions of at most {instructions.max_length} tokens" if instructions else "")
     for name, part in data_report.get("sources", {}).items():
         logger.info("  source %s: %d samples, drawn with probability %.3f", name, part["samples"], part["probability"])
-    collator = PadCollator(loaded.tokenizer.pad_token_id, loaded.processor,
-                           instruction_pad_token_id=instructions.pad_token_id if instructions else 0)
+    collator = (PrefixLmCollator if encoder_decoder else PadCollator)(
+        loaded.tokenizer.pad_token_id, loaded.processor,
+        instruction_pad_token_id=instructions.pad_token_id if instructions else 0)
     result = train_stage(model, data.dataset, collator, stage.train, out,
                          eval_fn=eval_fn if stage.train.eval_every else None, dist=dist,
                          config_to_save=to_dict(stage), progress=progress, sampler=data.sampler)

@@ -100,7 +100,8 @@ def train_stage(
     `stop_after_steps` ends the call once that global step is reached, after saving a checkpoint
     (an interruption; the final evaluation is skipped). `sampler` replaces the default
     (seed, epoch)-shuffled one with this rank's share of another draw, e.g. a `MixtureSampler`
-    over a ConcatDataset; it follows `EpochShare`'s contract, so resume stays exact.
+    over a ConcatDataset; it follows `EpochShare`'s contract, so resume stays exact. A dataset with
+    `set_epoch(epoch)` (random prefix-LM caption splits) is told each epoch before it is read.
 
     Writes `run_dir/metrics.jsonl` (one JSON line per log) and
     `run_dir/checkpoints/step_<N:08d>/` with the trainable parameters, optimiser, scheduler, RNG
@@ -202,6 +203,8 @@ def train_stage(
         if data_iter is None:
             sampler.set_epoch(epoch)
             sampler.set_start(batch_in_epoch * cfg.batch_size)
+            if hasattr(dataset, "set_epoch"):  # before the workers copy it
+                dataset.set_epoch(epoch)
             loader_generator.manual_seed(hash((cfg.seed, epoch, dist.rank)) % 2**63)
             data_iter = iter(loader)
 

@@ -7,7 +7,6 @@ import random
 import pytest
 import torch
 from PIL import Image
-from transformers import T5Config, T5ForConditionalGeneration
 
 from bridgevlm.config import from_dict
 from bridgevlm.data.prefix_lm import PrefixLmCollator, caption_text, qa_text, tokenize_prefix_lm
@@ -25,19 +24,6 @@ RECORDS = [
      {"from": "gpt", "value": "A large red circle at the top left."}],
     [{"from": "human", "value": "<image>\nWhat colour is the circle?"}, {"from": "gpt", "value": "blue"}],
 ]
-
-
-@pytest.fixture(scope="module")
-def t5_parts(vlm_parts, tokenizer, tmp_path_factory):
-    """`vlm_parts` with a tiny FlanT5-shaped LLM in place of the Llama."""
-    out = tmp_path_factory.mktemp("t5_parts")
-    torch.manual_seed(0)
-    T5ForConditionalGeneration(T5Config(
-        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-        feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return {**vlm_parts, "llm": str(out), "image_aspect": "crop"}
 
 
 @pytest.fixture()
