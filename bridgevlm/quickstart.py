@@ -100,15 +100,8 @@ def run_quickstart(options: QuickstartOptions) -> dict:
     test_image = world_dir / "images/test/test_000000.png"
     if "llava" in options.bridges:
         recipe = load_vlm_recipe(options.llava_recipe, backbones, world_dir, options.budget)
-        _say(options, f"LLaVA on the backbones: {len(recipe.stages)} stages "
-                      f"({', '.join(s.name for s in recipe.stages)}) from {options.llava_recipe}")
-        step_start = time.time()
-        result = run_vlm(recipe, out / "llava", progress=options.progress)
-        report.add_timing("llava (train + evaluate)", time.time() - step_start)
-        llava = vlm_metrics(result["metrics"])
-        report.add_metrics("llava", llava)
-        _vlm_section(report, out, result, llava, "LLaVA", "llava",
-                     "LLaVA-1.5 recipe on the backbones: test-scene accuracy per family")
+        result, llava = _train_bridge(options, report, out, recipe, options.llava_recipe, "LLaVA", "llava",
+                                      "LLaVA-1.5 recipe on the backbones: test-scene accuracy per family")
         lines += "\n" + vlm_summary("LLaVA", llava)
         lines += f"\n\nTry it:  bridgevlm chat {result['model']} --image {test_image}"
     if "qformer" in options.bridges:
@@ -127,6 +120,21 @@ def load_backbone_recipe(path: Path, budget: float) -> BackboneRecipe:
     for sub in (recipe.clip, recipe.lm):
         sub.train.max_steps = max(1, round(sub.train.max_steps * budget))
     return recipe
+
+
+def _train_bridge(options: QuickstartOptions, report: Report, out: Path, recipe: VlmRecipe, source: Path,
+                  title: str, name: str, what: str) -> tuple[dict, dict]:
+    """Run a vision-language recipe into out/<name>; its metrics, timing and section go into the report.
+    Returns the run's result and its flat metrics."""
+    _say(options, f"{title} on the backbones: {len(recipe.stages)} stages "
+                  f"({', '.join(s.name for s in recipe.stages)}) from {source}")
+    step_start = time.time()
+    result = run_vlm(recipe, out / name, progress=options.progress)
+    report.add_timing(f"{name} (train + evaluate)", time.time() - step_start)
+    flat = vlm_metrics(result["metrics"])
+    report.add_metrics(name, flat)
+    _vlm_section(report, out, result, flat, title, name, what)
+    return result, flat
 
 
 def _run_qformer(options: QuickstartOptions, report: Report, out: Path, backbones: Path, world_dir: Path) -> str:
@@ -149,16 +157,9 @@ def _run_qformer(options: QuickstartOptions, report: Report, out: Path, backbone
 
     recipe = load_vlm_recipe(options.instructblip_recipe, backbones, world_dir, options.budget)
     recipe.model.connector.init = str(out / "blip2_stage1")
-    _say(options, f"InstructBLIP from that Q-Former: {len(recipe.stages)} stages "
-                  f"({', '.join(s.name for s in recipe.stages)}) from {options.instructblip_recipe}")
-    step_start = time.time()
-    result = run_vlm(recipe, out / "instructblip", progress=options.progress)
-    report.add_timing("instructblip (train + evaluate)", time.time() - step_start)
-    instructblip = vlm_metrics(result["metrics"])
-    report.add_metrics("instructblip", instructblip)
-    _vlm_section(report, out, result, instructblip, "InstructBLIP", "instructblip",
-                 "InstructBLIP recipe (Q-Former from BLIP-2 stage 1, frozen tower and LM): test-scene accuracy "
-                 "per family")
+    result, instructblip = _train_bridge(
+        options, report, out, recipe, options.instructblip_recipe, "InstructBLIP", "instructblip",
+        "InstructBLIP recipe (Q-Former from BLIP-2 stage 1, frozen tower and LM): test-scene accuracy per family")
     return (f"BLIP-2 stage 1 image->text R@1: ITC {retrieval.get('itc_recall_at_1', float('nan')):.3f}, "
             f"ITC+ITM {retrieval.get('itm_recall_at_1', float('nan')):.3f}\n"
             + vlm_summary("InstructBLIP", instructblip)

@@ -73,24 +73,23 @@ def _save(hf, tokenizer, out, qformer_tokenizer=None):
     return out
 
 
-@pytest.fixture(scope="module", params=["opt", "llama"])
-def blip2_dir(request, tokenizer, tmp_path_factory):
+def _blip2(tokenizer, tmp_path_factory, kind: str):
     torch.manual_seed(0)
     config = Blip2Config(vision_config=Blip2VisionConfig(**VISION),
                          qformer_config=Blip2QFormerConfig(**QFORMER, vocab_size=60),
-                         text_config=_text_config(request.param, tokenizer), num_query_tokens=NUM_QUERIES,
+                         text_config=_text_config(kind, tokenizer), num_query_tokens=NUM_QUERIES,
                          image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
-    return _save(Blip2ForConditionalGeneration(config), tokenizer, tmp_path_factory.mktemp(f"blip2_{request.param}"))
+    return _save(Blip2ForConditionalGeneration(config), tokenizer, tmp_path_factory.mktemp(f"blip2_{kind}"))
+
+
+@pytest.fixture(scope="module", params=["opt", "llama"])
+def blip2_dir(request, tokenizer, tmp_path_factory):
+    return _blip2(tokenizer, tmp_path_factory, request.param)
 
 
 @pytest.fixture(scope="module", params=["t5", "flan-t5"])
 def blip2_t5_dir(request, tokenizer, tmp_path_factory):
-    torch.manual_seed(0)
-    config = Blip2Config(vision_config=Blip2VisionConfig(**VISION),
-                         qformer_config=Blip2QFormerConfig(**QFORMER, vocab_size=60),
-                         text_config=_text_config(request.param, tokenizer), num_query_tokens=NUM_QUERIES,
-                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
-    return _save(Blip2ForConditionalGeneration(config), tokenizer, tmp_path_factory.mktemp(f"blip2_{request.param}"))
+    return _blip2(tokenizer, tmp_path_factory, request.param)
 
 
 def _instructblip(tokenizer, tmp_path_factory, kind: str):
