@@ -29,10 +29,10 @@ from .instructions import without_image_tags
 from .templates import (
     IGNORE_INDEX,
     IMAGE_TAG,
+    USER_ROLES,
     ConversationError,
     ConversationTemplate,
     ImagePlaceholder,
-    USER_ROLES,
     split_image_tags,
 )
 
@@ -114,10 +114,8 @@ def question_format(template) -> str:
     if not isinstance(template, ConversationTemplate):
         raise ConversationError(f"the {template.name!r} format renders decoder-only chat prompts; an encoder-decoder "
                                 f"LLM needs a turn format such as vicuna_v1_nosys or blip2_vqa_short")
-    def escaped(text: str) -> str:
-        return text.replace("{", "{{").replace("}", "}}")
-
-    return escaped(template.user) + "{}" + escaped(template.user_sep + template.assistant)
+    before, after = template.user, template.user_sep + template.assistant
+    return before.replace("{", "{{").replace("}", "}}") + "{}" + after.replace("{", "{{").replace("}", "}}")
 
 
 def encoder_prompt(messages: Sequence[dict], template) -> str:

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
-from .conversations import ImageSource, check_image_tags, image_fields, record_images
+from .conversations import ImageSource, check_image_tags, image_fields
 from .instructions import InstructionTokenizer
 from .prefix_lm import TokenizedPrefixLm, caption_text, qa_text, question_format, tokenize_prefix_lm
 from .templates import IGNORE_INDEX, IMAGE_TAG, USER_ROLES, ConversationError
@@ -62,7 +62,7 @@ class PrefixLmDataset(Dataset):
         return len(self.index)
 
     def lengths(self) -> list[int]:
-        """Encoder tokens per sample, estimated from the characters and the image placeholders."""
+        """Tokens per sample (both sides), estimated from the characters and the image placeholders."""
         per_image = self.images.placeholder.count if self.images else 0
         return [sum(len(m.get("value", "")) for m in messages) // 4
                 + per_image * sum(m.get("value", "").count(IMAGE_TAG) for m in messages)

@@ -121,7 +121,8 @@ def build_vlm(cfg: VlmConfig, base_dir: str | Path | None = None, trust_remote_c
     connector = build_connector(connector_cfg, vision.hidden_size, llm.config.hidden_size)
     qformer_tokenizer = None
     if stage1_dir is not None:
-        load_stage1_into(connector.qformer, stage1_dir)
+        if connector_cfg.init_weights:
+            load_stage1_into(connector.qformer, stage1_dir)
         if connector.reads_instructions:  # with the ids stage 1 trained its text embeddings on
             qformer_tokenizer = load_text_tokenizer(stage1_dir)
     token_id = cfg.image_token_id if cfg.image_token_id is not None else image_token_id(tokenizer)
@@ -179,7 +180,7 @@ def load_vlm(directory: str | Path, trust_remote_code: bool = False) -> LoadedVl
     meta = yaml.safe_load(config_path.read_text(encoding="utf-8"))
     cfg = from_dict(VlmConfig, meta["vlm"], source=str(config_path))
     # The saved weights hold the whole connector: the stage-1 model it started from is not needed.
-    loaded = build_vlm(replace(cfg, connector=replace(cfg.connector, init=None)), base_dir=directory,
+    loaded = build_vlm(replace(cfg, connector=replace(cfg.connector, init=None, init_weights=True)), base_dir=directory,
                        trust_remote_code=trust_remote_code)
     loaded.config = cfg
     if (directory / QFORMER_TOKENIZER_DIR).is_dir():

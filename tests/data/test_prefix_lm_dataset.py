@@ -129,8 +129,8 @@ def test_images_and_instructions_are_those_a_conversation_dataset_gives(tokenize
     assert len(data) == 3 and data.modalities() == [1, 1, 1]
     first, second, caption = data[0], data[1], data[2]
     # the sample for the first reply holds the image whose tag its turns hold; the second both, in order
-    assert torch.equal(first["pixels"], reference[0]["pixels"][:1]) and first["instruction_ids"] == \
-        reference[0]["instruction_ids"][:1]
+    assert torch.equal(first["pixels"], reference[0]["pixels"][:1])
+    assert first["instruction_ids"] == reference[0]["instruction_ids"][:1]
     assert torch.equal(second["pixels"], reference[0]["pixels"])
     assert second["instruction_ids"] == reference[0]["instruction_ids"] and second["sample_id"] == "one"
     assert list(second["input_ids"][:4]) == [placeholder.token_id] * 4  # images first in the source

@@ -1,7 +1,7 @@
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
 from bridgevlm.eval.candidates import CandidateQuestion, score_candidates, tokenize_candidates
 
@@ -84,6 +84,33 @@ def test_mean_normalisation_can_prefer_a_longer_candidate(model):
     assert by_sum.sum_logprobs == by_mean.sum_logprobs
     if by_sum.sum_logprobs[0][0] < by_sum.sum_logprobs[0][1]:
         assert by_sum.best == [1]
+
+
+@pytest.fixture(scope="module")
+def t5():
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, pad_token_id=0,
+                      eos_token_id=1, decoder_start_token_id=0)
+    return T5ForConditionalGeneration(config).eval()
+
+
+def t5_by_hand(model, prompt, candidate) -> float:
+    """Log-likelihood of `candidate` as the decoder's output for the encoder reading `prompt`, unpadded."""
+    decoder_ids = torch.tensor([[model.config.decoder_start_token_id] + candidate[:-1]])
+    with torch.no_grad():
+        logprobs = model(input_ids=torch.tensor([prompt]), decoder_input_ids=decoder_ids).logits[0].double()
+    logprobs = logprobs.log_softmax(-1)
+    return sum(float(logprobs[i, token]) for i, token in enumerate(candidate))
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 100])
+def test_an_encoder_decoder_scores_candidates_as_decoder_targets(t5, questions, batch_size):
+    ranked = score_candidates(t5, questions, batch_size=batch_size, pad_token_id=VOCAB - 1)
+    for q, question in enumerate(questions):
+        for c, candidate in enumerate(question.candidate_ids):
+            expected = t5_by_hand(t5, question.prompt_ids, candidate)
+            assert ranked.sum_logprobs[q][c] == pytest.approx(expected, abs=1e-5)
+    assert ranked.best == [max(range(len(row)), key=row.__getitem__) for row in ranked.sum_logprobs]
 
 
 def test_tokenize_candidates_appends_eos_when_asked(tokenizer):

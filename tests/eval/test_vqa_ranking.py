@@ -10,7 +10,7 @@ import torch
 from bridgevlm.config import from_dict
 from bridgevlm.data.images import load_image
 from bridgevlm.data.templates import get_template, tokenize_conversation
-from bridgevlm.eval import vqa
+from bridgevlm.eval import candidates, vqa
 from bridgevlm.eval.candidates import rank_answers
 from bridgevlm.models.assemble import VlmConfig, build_vlm
 
@@ -57,6 +57,41 @@ def test_the_chosen_candidate_is_the_likeliest_reply(vlm_parts, qformer_parts, s
     for item, messages, (image,), choice in zip(items, prompts, images, chosen):
         scores = {option: _by_hand(loaded, messages, image, option,
                                    item["question"] if reads_instructions else None) for option in CANDIDATES}
+        assert choice == max(scores, key=scores.get)
+
+
+@pytest.mark.parametrize("reads_instructions", [False, True])
+def test_an_encoder_decoder_vlm_ranks_by_the_decoders_likelihood(t5_parts, qformer_parts, shapes_world,
+                                                                 reads_instructions, monkeypatch):
+    """BLIP-2 / InstructBLIP with a T5: the encoder reads "USER: {question} ASSISTANT:" after the image's
+    tokens, with EOS (the source a training sample has); each candidate is the decoder's target + EOS."""
+    parts = {**qformer_parts, "llm": t5_parts["llm"]} if reads_instructions else t5_parts
+    loaded = _loaded(parts, qformer={"text_input": True}) if reads_instructions else _loaded(parts)
+    tok, placeholder, model = loaded.tokenizer, loaded.placeholder, loaded.model
+    items = _items(shapes_world, "colour")
+    prompts = [[{"from": "human", "value": f"<image>\n{item['question']}"}] for item in items]
+    images = [[load_image(shapes_world / "images" / item["image"])] for item in items]
+    ranked = []
+    score = candidates.score_candidates
+    monkeypatch.setattr(candidates, "score_candidates", lambda *a, **k: ranked.append(score(*a, **k)) or ranked[-1])
+    chosen = rank_answers(loaded, prompts, images, [CANDIDATES] * len(items), batch_size=5)
+    for item, (image,), choice, batched in zip(items, images, chosen, ranked[0].sum_logprobs):
+        encoder = [placeholder.token_id] * placeholder.count + tok(
+            f"USER: {item['question']} ASSISTANT:", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        pixels = loaded.processor.normalize(loaded.processor.to_uint8(image)[None])
+        extra = {}
+        if reads_instructions:
+            ids = torch.tensor([loaded.instruction_tokenizer().encode(item["question"])])
+            extra = {"qformer_input_ids": ids, "qformer_attention_mask": torch.ones_like(ids)}
+        scores = {}
+        for option in CANDIDATES:
+            target = tok(option, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            decoder = torch.tensor([[model.llm.config.decoder_start_token_id] + target[:-1]])
+            with torch.no_grad():
+                logits = model.logits(torch.tensor([encoder]), None, pixels, decoder_input_ids=decoder, **extra)
+            logprobs = logits[0].double().log_softmax(-1)
+            scores[option] = sum(float(logprobs[i, token]) for i, token in enumerate(target))
+        assert batched == pytest.approx(list(scores.values()), abs=1e-4)
         assert choice == max(scores, key=scores.get)
 
 

@@ -12,6 +12,8 @@ from PIL import Image
 import bridgevlm
 from bridgevlm.cli import main
 from bridgevlm.config import from_dict
+from bridgevlm.data.conversations import ImageSource
+from bridgevlm.data.prefix_lm_dataset import PrefixLmDataset
 from bridgevlm.infer.generate import GenerationConfig
 from bridgevlm.data.templates import get_template
 from bridgevlm.infer.pipeline import Chat, answer, prepare_prompts
@@ -144,3 +146,36 @@ def test_a_qformer_that_reads_instructions_gets_the_user_turn_being_answered(qfo
                   for name, e in embeds.items()}
     visual_change = (embeds["asked"] - embeds["other"])[0, is_image].norm() / embeds["asked"][0, is_image].norm()
     assert visual_change > 0.1 and not torch.allclose(logits["asked"], logits["other"])
+
+
+def test_an_encoder_decoder_prompt_is_the_encoder_side_of_its_training_sample(t5_parts, tmp_path):
+    """What a T5 VLM reads to answer turn k (answer, Chat) is what the encoder read in the training sample
+    for reply k; a caption prompt (`plain`) is the image alone, a split before the caption's first word."""
+    torch.manual_seed(0)
+    loaded = build_vlm(from_dict(VlmConfig, {**t5_parts, "template": "blip2_vqa_short"}))
+    Image.new("RGB", (40, 40), "red").save(tmp_path / "red.png")
+    image = Image.open(tmp_path / "red.png")
+    messages = [{"from": "human", "value": "<image>\nWhat colour is the circle?"}, {"from": "gpt", "value": "red"},
+                {"from": "human", "value": "How many squares are there?"}, {"from": "gpt", "value": "2"}]
+    source = ImageSource(tmp_path, loaded.processor, loaded.placeholder)
+    template = get_template("blip2_vqa_short")
+    training = PrefixLmDataset([{"id": "r", "image": "red.png", "conversations": messages}], loaded.tokenizer,
+                               template, 128, images=source)
+    for k in range(2):
+        batch = prepare_prompts(loaded, template, [messages[:2 * k + 1]], [[image]])
+        assert batch["input_ids"][0].tolist() == list(training[k]["input_ids"])
+        assert torch.equal(batch["pixel_values"], loaded.processor.normalize(training[k]["pixels"]))
+    chat = Chat(loaded, image, GenerationConfig(max_new_tokens=3), template)
+    chat.ask("What colour is the circle?")
+    assert isinstance(chat.ask("How many squares are there?"), str) and len(chat.messages) == 4
+
+    caption = [{"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": "A red circle."}]
+    captions = PrefixLmDataset([{"id": "c", "image": "red.png", "conversations": caption}], loaded.tokenizer,
+                               get_template("plain"), 128, images=source)
+    sources = []
+    for epoch in range(20):
+        captions.set_epoch(epoch)
+        sources.append(list(captions[0]["input_ids"]))
+    prompt = prepare_prompts(loaded, get_template("plain"), [caption[:1]], [[image]])["input_ids"][0].tolist()
+    assert prompt in sources and prompt == [loaded.placeholder.token_id] * loaded.placeholder.count + [
+        loaded.tokenizer.eos_token_id]

@@ -43,6 +43,26 @@ def test_the_connector_starts_from_exactly_the_stage1_qformer(stage1_run, qforme
         assert loaded.qformer_tokenizer is None and loaded.instruction_tokenizer() is None
 
 
+def test_init_weights_false_takes_the_stage1_architecture_and_tokenizer_but_fresh_weights(stage1_run, qformer_parts,
+                                                                                         tmp_path):
+    config = qformer_vlm_config(qformer_parts, stage1_run, text_input=True)
+    config.connector.init_weights = False
+    torch.manual_seed(0)
+    loaded = build_vlm(config)
+    reference = load_stage1_qformer(stage1_run / "model").state_dict()
+    own = loaded.model.connector.qformer.state_dict()
+    assert all(own[name].shape == reference[name].shape for name in own)
+    # every weight but the layer norms' (ones and zeros at the start either way) is freshly drawn
+    assert not any(torch.equal(own[name], reference[name]) for name in own if "layer_norm" not in name)
+    assert loaded.qformer_tokenizer.get_vocab() == load_text_tokenizer(stage1_run / "model").get_vocab()
+    save_vlm(loaded, tmp_path / "vlm")
+    again = load_vlm(tmp_path / "vlm")
+    assert again.config.connector.init_weights is False
+    assert all(torch.equal(again.model.connector.qformer.state_dict()[k], v) for k, v in own.items())
+    with pytest.raises(ValueError, match="init_weights: false .* connector.init names none"):
+        from_dict(VlmConfig, {**qformer_parts, "connector": {"kind": "qformer", "init_weights": False}})
+
+
 def test_a_saved_qformer_vlm_reloads_without_the_stage1_directory(stage1_run, qformer_parts, tmp_path):
     shutil.copytree(stage1_run / "model", tmp_path / "stage1")
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from bridgevlm.train.checkpoint import CheckpointError
 from bridgevlm.train.loop import train_stage
-from toy import ToyLM, collate, toy_config, toy_dataset
+from toy import VOCAB, ToyLM, collate, toy_config, toy_dataset
 
 
 def _train(run_dir, model=None, data=None, **cfg_overrides):
@@ -229,3 +229,36 @@ def test_a_given_sampler_drives_the_data_and_resumes_exactly(tmp_path):
     other_rank = MixtureSampler({"small": len(small), "large": len(large)}, mix, rank=1, world_size=2)
     with pytest.raises(ValueError, match="built for rank 1 of 2"):
         train_stage(ToyLM(), data, collate, toy_config(**kwargs), tmp_path / "r", progress=False, sampler=other_rank)
+
+
+class EpochShifted(torch.utils.data.Dataset):
+    """Toy samples whose tokens depend on the epoch the dataset was told, as random prefix-LM caption
+    splits are drawn per epoch."""
+
+    def __init__(self):
+        self.samples, self.epoch, self.told = toy_dataset(), 0, []
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        self.told.append(epoch)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        sample = self.samples[index]
+        return {**sample, "tokens": (sample["tokens"] + self.epoch) % VOCAB}
+
+
+def test_a_dataset_drawn_per_epoch_is_told_each_epoch_and_resumes_exactly(tmp_path):
+    kwargs = dict(batch_size=8, max_steps=10, log_every=5)  # 4 batches an epoch
+    whole, data = ToyLM(), EpochShifted()
+    train_stage(whole, data, collate, toy_config(**kwargs), tmp_path / "whole", progress=False)
+    assert data.told == [0, 1, 2]
+    first, second = EpochShifted(), EpochShifted()
+    train_stage(ToyLM(), first, collate, toy_config(**kwargs), tmp_path / "split", stop_after_steps=6, progress=False)
+    resumed = ToyLM(seed=99)
+    train_stage(resumed, second, collate, toy_config(**kwargs), tmp_path / "split", progress=False)
+    assert first.told == [0, 1] and second.told == [1, 2]  # the resumed run starts mid-epoch 1
+    for name, value in _params(whole).items():
+        assert torch.equal(_params(resumed)[name], value), name

@@ -22,11 +22,17 @@ class ConnectorConfig:
     # starts from, architecture and weights (the language projection starts fresh). Loaded when the
     # VLM is built fresh (a stage's `init: base`); a saved VLM holds the whole connector and ignores it.
     init: str | None = None
+    # False: take only the architecture and tokenizer of `init`, with freshly initialised weights (the
+    # control for BLIP-2's claim that stage 1 matters: the same model, stage 1 skipped)
+    init_weights: bool = True
 
     def __post_init__(self):
         if self.init and _family(self.kind) != "qformer":
             raise ValueError(f"connector.init starts a Q-Former from a BLIP-2 stage-1 model, but the connector is "
                              f"{self.kind!r}; use kind: qformer or leave init unset")
+        if not self.init_weights and not self.init:
+            raise ValueError("connector.init_weights: false takes the architecture of a stage-1 model without "
+                             "its weights, but connector.init names none")
 
 
 def _build_mlp(cfg: ConnectorConfig, vision_hidden: int, llm_hidden: int) -> nn.Module:
