@@ -88,6 +88,10 @@ def _add_quickstart(sub) -> None:
                    help="what to train after the backbones: llava (LLaVA-1.5, the default), qformer (BLIP-2 stage 1, "
                         "then InstructBLIP; about 15 minutes), all, or none (stop after the backbones)")
     p.add_argument("--skip-llava", action="store_true", help="the same as --bridge none")
+    p.add_argument("--qformer-studies", action="store_true",
+                   help="with the qformer bridge, also run InstructBLIP's ablation (multitask training on plain and "
+                        "on [Task:Dataset]-tagged inputs) and InstructBLIP with BLIP-2 stage 1 skipped (about 3 "
+                        "more InstructBLIP trainings)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -223,7 +227,8 @@ def _quickstart(args) -> int:
 
     bridges = {"llava": ("llava",), "qformer": ("qformer",), "all": ("llava", "qformer"), "none": ()}[args.bridge]
     options = QuickstartOptions(out=args.out, from_scratch=args.from_scratch, budget=args.budget,
-                                bridges=() if args.skip_llava else bridges, progress=not args.no_progress)
+                                bridges=() if args.skip_llava else bridges, qformer_studies=args.qformer_studies,
+                                progress=not args.no_progress)
     if args.llava_recipe:
         options.llava_recipe = args.llava_recipe
     if args.backbones:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ConfigError, from_dict, to_dict
@@ -15,7 +16,7 @@ from .data.shapes.world import WorldConfig, build_world, load_world_description
 from .recipes.backbones import SHIPPED, BackboneRecipe, evaluate_backbones, load_manifest, make_backbones
 from .recipes.blip2 import Blip2Stage1Recipe, run_blip2_stage1
 from .recipes.registry import load_recipe
-from .recipes.vlm import VlmRecipe, run_vlm
+from .recipes.vlm import VlmRecipe, run_vlm, stage_dir
 from .report import Report, Section, markdown_table, plot_curves
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -26,6 +27,10 @@ if not DEFAULT_RECIPE.is_file():
 LLAVA_RECIPE = CONFIGS / "shapes" / "llava.yaml"
 QFORMER_STAGE1_RECIPE = CONFIGS / "shapes" / "blip2_stage1.yaml"
 INSTRUCTBLIP_RECIPE = CONFIGS / "shapes" / "instructblip.yaml"
+ABLATION_RECIPES = {  # InstructBLIP's ablation: multitask baselines, evaluated with instructions as it is
+    "multitask_plain": CONFIGS / "shapes" / "instructblip_ablation" / "multitask_plain.yaml",
+    "multitask_prefix": CONFIGS / "shapes" / "instructblip_ablation" / "multitask_prefix.yaml",
+}
 BRIDGES = ("llava", "qformer")
 
 
@@ -41,6 +46,10 @@ class QuickstartOptions:
     instructblip_recipe: Path = INSTRUCTBLIP_RECIPE
     # the bridges trained after the backbones: llava (LLaVA-1.5's MLP), qformer (BLIP-2 stage 1, then InstructBLIP)
     bridges: tuple[str, ...] = ("llava",)
+    # with the qformer bridge, also the papers' controls: InstructBLIP's ablation (multitask training on
+    # plain and on [Task:Dataset]-tagged inputs) and InstructBLIP with BLIP-2 stage 1 skipped
+    qformer_studies: bool = False
+    ablation_recipes: dict[str, Path] = field(default_factory=lambda: dict(ABLATION_RECIPES))
     progress: bool = True
 
     def __post_init__(self):
@@ -160,10 +169,73 @@ def _run_qformer(options: QuickstartOptions, report: Report, out: Path, backbone
     result, instructblip = _train_bridge(
         options, report, out, recipe, options.instructblip_recipe, "InstructBLIP", "instructblip",
         "InstructBLIP recipe (Q-Former from BLIP-2 stage 1, frozen tower and LM): test-scene accuracy per family")
+    lines = ""
+    if options.qformer_studies:
+        lines = "\n" + _qformer_studies(options, report, out, recipe, instructblip)
     return (f"BLIP-2 stage 1 image->text R@1: ITC {retrieval.get('itc_recall_at_1', float('nan')):.3f}, "
             f"ITC+ITM {retrieval.get('itm_recall_at_1', float('nan')):.3f}\n"
             + vlm_summary("InstructBLIP", instructblip)
+            + lines
             + f"\n\nTry it:  bridgevlm chat {result['model']} --image {world_dir / 'images/test/test_000000.png'}")
+
+
+def _qformer_studies(options: QuickstartOptions, report: Report, out: Path, base: VlmRecipe, base_flat: dict) -> str:
+    """InstructBLIP's ablation and BLIP-2's stage-1 control, each against the InstructBLIP run in
+    out/instructblip (`base`, `base_flat`), as report tables. Returns the terminal summary."""
+    backbones, world = Path(base.model.llm).parent, Path(base.world)
+    runs = {"instruction tuning": base_flat}
+    for name, path in options.ablation_recipes.items():
+        recipe = load_vlm_recipe(path, backbones, world, options.budget)
+        recipe.model.connector.init = base.model.connector.init
+        _reuse_shared_stages(recipe, base, out / "instructblip")
+        runs[name.replace("_", " ")] = _run_study(options, report, out / f"ablation_{name}", recipe, name)
+    skipped = copy.deepcopy(base)
+    skipped.model.connector.init_weights = False  # the same Q-Former, its stage-1 weights left out
+    no_stage1 = _run_study(options, report, out / "instructblip_no_stage1", skipped, "instructblip_no_stage1")
+
+    held_out = sorted(k for k in base_flat if k.startswith("held_out."))
+    ablation_rows = [[label, *(flat[k] for k in held_out), flat["held_out_mean"], flat["held_in_mean"]]
+                     for label, flat in runs.items()]
+    stage1_rows = [[label, flat["held_in_mean"], flat["held_out_mean"]]
+                   for label, flat in (("from BLIP-2 stage 1", base_flat), ("stage 1 skipped", no_stage1))]
+    report.add_section(Section("InstructBLIP studies", (
+        "The ablation: the same held-in datasets and mixture trained as instructions (varied templates), "
+        "as plain questions (one fixed phrasing), or as plain questions behind a `[Task:Dataset]` tag; all "
+        "evaluated with instructions on the held-out families. And BLIP-2's claim that stage 1 matters: the "
+        "same recipe from a Q-Former with stage 1's architecture and tokenizer but fresh weights."), [
+        markdown_table(["training", *(k.split(".", 1)[1] for k in held_out), "held-out mean", "held-in mean"],
+                       ablation_rows),
+        markdown_table(["InstructBLIP Q-Former", "held-in mean", "held-out mean"], stage1_rows)]))
+    return "\n".join([f"Ablation held-out mean: " + "   ".join(f"{label} {flat['held_out_mean']:.3f}"
+                                                                for label, flat in runs.items()),
+                      f"Stage 1 skipped: held-in {no_stage1['held_in_mean']:.3f}, held-out "
+                      f"{no_stage1['held_out_mean']:.3f} (from stage 1: {base_flat['held_in_mean']:.3f}, "
+                      f"{base_flat['held_out_mean']:.3f})"])
+
+
+def _run_study(options: QuickstartOptions, report: Report, run_dir: Path, recipe: VlmRecipe, name: str) -> dict:
+    _say(options, f"Study {name}: {len(recipe.stages)} stage(s) ({', '.join(s.name for s in recipe.stages)})")
+    step_start = time.time()
+    result = run_vlm(recipe, run_dir, progress=options.progress)
+    report.add_timing(f"{name} (train + evaluate)", time.time() - step_start)
+    flat = vlm_metrics(result["metrics"])
+    report.add_metrics(name, flat)
+    return flat
+
+
+def _reuse_shared_stages(recipe: VlmRecipe, base: VlmRecipe, base_run: Path) -> None:
+    """Drop the leading stages `recipe` shares with `base` (same model, identical stage configs) and start
+    the first remaining one from the model `base_run` trained there: a variant that differs only in its
+    last stage trains only that."""
+    if to_dict(recipe.model) != to_dict(base.model):
+        return
+    shared = 0
+    while (shared < min(len(recipe.stages), len(base.stages)) - 1
+           and to_dict(recipe.stages[shared]) == to_dict(base.stages[shared])):
+        shared += 1
+    if shared:
+        recipe.stages = recipe.stages[shared:]
+        recipe.stages[0].init = str(stage_dir(base_run, shared - 1, base.stages[shared - 1]) / "model")
 
 
 def load_stage1_recipe(path: Path, backbones: Path, world: Path, budget: float) -> Blip2Stage1Recipe:

@@ -94,11 +94,11 @@ class _Tiny:
 
     @staticmethod
     def qformer_recipes(directory, steps: int = 2):
-        """configs/shapes/{blip2_stage1,instructblip}.yaml with a tiny Q-Former and seconds-long stages.
-        Returns (stage-1 recipe path, InstructBLIP recipe path)."""
+        """configs/shapes/{blip2_stage1,instructblip}.yaml with a tiny Q-Former and seconds-long stages,
+        and the ablation's variants over the latter. Returns (stage-1 path, InstructBLIP path, {variant: path})."""
         import yaml
 
-        from bridgevlm.quickstart import INSTRUCTBLIP_RECIPE, QFORMER_STAGE1_RECIPE
+        from bridgevlm.quickstart import ABLATION_RECIPES, INSTRUCTBLIP_RECIPE, QFORMER_STAGE1_RECIPE
 
         stage1 = yaml.safe_load(QFORMER_STAGE1_RECIPE.read_text())
         stage1["qformer"].update(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, num_query_tokens=4)
@@ -113,7 +113,12 @@ class _Tiny:
         paths = directory / "blip2_stage1.yaml", directory / "instructblip.yaml"
         for path, recipe in zip(paths, (stage1, instruct)):
             path.write_text(yaml.safe_dump(recipe))
-        return paths
+        variants = {}
+        for name, source in ABLATION_RECIPES.items():
+            variant = {**yaml.safe_load(source.read_text()), "extends": paths[1].name}
+            variants[name] = directory / f"{name}.yaml"
+            variants[name].write_text(yaml.safe_dump(variant))
+        return (*paths, variants)
 
     @staticmethod
     def backbones(steps: int = 3):

@@ -91,11 +91,11 @@ def test_llava_half(quickstart, tiny_backbones):
 
 
 def test_the_qformer_bridge_pretrains_a_qformer_then_instruction_tunes_it(tiny_backbones, tiny, tmp_path):
-    stage1, instructblip = tiny.qformer_recipes(tmp_path)
+    stage1, instructblip, variants = tiny.qformer_recipes(tmp_path)
     out = tmp_path / "qs"
     data = run_quickstart(QuickstartOptions(out=out, backbones=tiny_backbones, bridges=("qformer",),
                                             qformer_stage1_recipe=stage1, instructblip_recipe=instructblip,
-                                            progress=False))
+                                            qformer_studies=True, ablation_recipes=variants, progress=False))
     retrieval = data["metrics"]["blip2_stage1"]
     for method in ("itc", "itm"):
         assert 0.0 <= retrieval[f"{method}_recall_at_1"] <= retrieval[f"{method}_recall_at_5"] <= 1.0
@@ -111,6 +111,21 @@ def test_the_qformer_bridge_pretrains_a_qformer_then_instruction_tunes_it(tiny_b
     assert "## BLIP-2 stage 1" in markdown and "## InstructBLIP" in markdown
     assert f"| image->text R@1 | {retrieval['itc_recall_at_1']:.3f} | {retrieval['itm_recall_at_1']:.3f} |" in markdown
     assert {"blip2 stage 1 (train + evaluate)", "instructblip (train + evaluate)"} <= set(data["timings_s"])
+    # the studies: each ablation variant trains only its instruct stage, from InstructBLIP's generative model
+    for name in ("multitask_plain", "multitask_prefix"):
+        config = yaml.safe_load((out / f"ablation_{name}/config.yaml").read_text())
+        assert [s["name"] for s in config["stages"]] == ["instruct"]
+        assert config["stages"][0]["init"] == str(out / "instructblip/01_generative/model")
+        assert 0.0 <= data["metrics"][name]["held_out_mean"] <= 1.0
+    prefixes = {s["prefix"] for s in yaml.safe_load((out / "ablation_multitask_prefix/config.yaml").read_text())
+                ["stages"][0]["data"]["sources"]}
+    assert prefixes == {"[colour:Shapes]", "[shape:Shapes]", "[count:Shapes]", "[position:Shapes]",
+                        "[existence:Shapes]", "[reading:Shapes]", "[dialogue:Shapes]"}
+    skipped = yaml.safe_load((out / "instructblip_no_stage1/config.yaml").read_text())
+    assert skipped["model"]["connector"]["init_weights"] is False and len(skipped["stages"]) == 2
+    assert "## InstructBLIP studies" in markdown
+    plain = data["metrics"]["multitask_plain"]
+    assert f"| multitask plain | {plain['held_out.comparison']:.3f} |" in (out / "report.md").read_text()
 
 
 def test_an_unknown_bridge_is_named(tmp_path):
