@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_blip2  # noqa: E402
 import bench_generate  # noqa: E402
 import bench_preprocess  # noqa: E402
 import bench_stage1  # noqa: E402
@@ -22,7 +23,7 @@ def main() -> int:
     start = time.time()
     print(f"machine: {machine()}", flush=True)
     records = []
-    for bench in (bench_preprocess, bench_generate, bench_train, bench_stage1):
+    for bench in (bench_preprocess, bench_generate, bench_train, bench_stage1, bench_blip2):
         print(f"--- {bench.__name__}", flush=True)
         records += bench.main([])
     failed = [r["check"] for r in records if "check" in r and not r["ok"]]
