@@ -39,6 +39,7 @@ class LmPhase:
     scene_text: Literal["detailed", "compact", "minimal"] | None = None
     phrasing: Literal["varied", "canonical"] | None = None
     families: list[str] | None = None  # question families of this phase's corpus (None: all)
+    family_weights: dict[str, float] | None = None  # a family's share of the questions, times this (default 1)
     max_objects: int | None = None  # objects per scene at most (None: the world's full range)
     turns_per_scene: int | None = None
     corpus_scenes: int | None = None
@@ -67,6 +68,8 @@ class LmRecipe:
     scene_text: Literal["detailed", "compact", "minimal"] = "detailed"
     phrasing: Literal["varied", "canonical"] = "varied"
     families: list[str] | None = None  # question families of the corpus (None: all)
+    # Multiplies a family's share of the questions (default 1 each): more of the families learnt last.
+    family_weights: dict[str, float] = field(default_factory=dict)
     max_objects: int = MAX_OBJECTS
     # Language-model loss on every token (prompts included), not only on replies: predicting the
     # objects a question mentions trains the same look-up circuits that answering needs.
@@ -83,9 +86,10 @@ class LmRecipe:
 
 def phase_recipe(recipe: LmRecipe, phase: LmPhase, index: int, pretrained: str | None) -> LmRecipe:
     """The single-run recipe of curriculum phase `phase` (its corpus drawn with its own seed)."""
-    corpus = {name: getattr(phase, name) for name in ("scene_text", "phrasing", "families", "max_objects",
-                                                        "turns_per_scene", "corpus_scenes", "describe_probability",
-                                                        "supervise_all") if getattr(phase, name) is not None}
+    corpus = {name: getattr(phase, name) for name in ("scene_text", "phrasing", "families", "family_weights",
+                                                        "max_objects", "turns_per_scene", "corpus_scenes",
+                                                        "describe_probability", "supervise_all")
+              if getattr(phase, name) is not None}
     train = dataclasses.replace(recipe.train, max_steps=phase.max_steps, batch_size=phase.batch_size or recipe.train.batch_size,
                                 optim=dataclasses.replace(recipe.train.optim, lr=phase.lr or recipe.train.optim.lr))
     return dataclasses.replace(recipe, **corpus, corpus_seed=recipe.corpus_seed + index, pretrained=pretrained,
@@ -114,7 +118,8 @@ def run_lm(recipe: LmRecipe, run_dir: str | Path, progress: bool = True) -> dict
         records = text_conversations(recipe.corpus_seed, recipe.corpus_scenes, scene_keys(recipe.world),
                                      recipe.turns_per_scene, describe_probability=recipe.describe_probability,
                                      describe_first=recipe.describe_first, scene_text=recipe.scene_text,
-                                     phrasing=recipe.phrasing, families=recipe.families, max_objects=recipe.max_objects)
+                                     phrasing=recipe.phrasing, families=recipe.families, max_objects=recipe.max_objects,
+                                     family_weights=recipe.family_weights)
         write_json(corpus_path, records)
     barrier()  # the other ranks read the corpus rank 0 wrote
     records = read_conversations(corpus_path)

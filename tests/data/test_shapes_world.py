@@ -256,6 +256,26 @@ def test_corpus_restricted_to_families_and_fewer_objects():
         text_conversations(seed=3, num_scenes=1, exclude=set(), turns=1, max_objects=5)
 
 
+def test_family_weights_set_each_familys_share_of_the_questions():
+    records = text_conversations(seed=5, num_scenes=300, exclude=set(), turns=4, describe_probability=0.0,
+                                 scene_text="compact", phrasing="canonical", families=["colour", "count"],
+                                 family_weights={"count": 3.0})
+    questions = [m["value"].split("\n")[-1] for r in records for m in r["conversations"][::2]]
+    colour = sum(q.startswith("What colour is") for q in questions)
+    assert len(questions) == 1200 and 0 < colour < len(questions)
+    share = 1 - colour / len(questions)  # 3/4 expected; 1200 draws give a standard deviation of 0.0125
+    assert abs(share - 0.75) < 0.05
+    unweighted = text_conversations(seed=5, num_scenes=30, exclude=set(), turns=4, describe_probability=0.0,
+                                    families=["colour", "count"])
+    again = text_conversations(seed=5, num_scenes=30, exclude=set(), turns=4, describe_probability=0.0,
+                               families=["colour", "count"], family_weights={})
+    assert unweighted == again  # no weights, the same draws as ever
+    with pytest.raises(ValueError, match="family_weights must be positive and name families of the corpus"):
+        text_conversations(seed=3, num_scenes=1, exclude=set(), turns=1, families=["colour"], family_weights={"count": 2})
+    with pytest.raises(ValueError, match="family_weights must be positive"):
+        text_conversations(seed=3, num_scenes=1, exclude=set(), turns=1, family_weights={"count": 0})
+
+
 def test_minimal_text_names_each_object_by_colour_and_shape_only():
     from bridgevlm.data.shapes.scene import COLOURS, SHAPES
 

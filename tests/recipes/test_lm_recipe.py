@@ -124,7 +124,7 @@ def test_curriculum_chains_phases_and_resumes(tiny, shapes_world, world_tokenize
     recipe.curriculum = [
         LmPhase(name="lookup", max_steps=2, scene_text="compact", phrasing="canonical", families=["colour", "shape"],
                 max_objects=2, turns_per_scene=1, describe_probability=0.0, batch_size=3),
-        LmPhase(name="full", max_steps=3),
+        LmPhase(name="full", max_steps=3, family_weights={"reading": 2.0}),
     ]
     result = run_lm(recipe, tmp_path, progress=False)
     assert result["steps"] == 5
@@ -146,6 +146,7 @@ def test_curriculum_chains_phases_and_resumes(tiny, shapes_world, world_tokenize
     config = yaml.safe_load((tmp_path / "phases" / "full" / "config.yaml").read_text())
     assert config["pretrained"] == str(tmp_path / "phases" / "lookup" / "model")
     assert config["train"]["max_steps"] == 3 and config["corpus_seed"] == recipe.corpus_seed + 1
+    assert config["family_weights"] == {"reading": 2.0}  # a phase's corpus settings reach its run
     final = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     last = AutoModelForCausalLM.from_pretrained(tmp_path / "phases" / "full" / "model")
     for (name, a), (_, b) in zip(final.state_dict().items(), last.state_dict().items()):

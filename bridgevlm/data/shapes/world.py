@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -80,12 +80,14 @@ def sample_scenes(cfg: WorldConfig) -> list[Scene]:
 
 
 def conversation(scene: Scene, rng: np.random.Generator, families, turns: int, context: str,
-                 phrasing: str = "varied") -> list[dict]:
+                 phrasing: str = "varied", weights: np.ndarray | None = None) -> list[dict]:
     """A multi-turn conversation about one scene; `context` opens the first human turn
-    ('<image>' for the vision-language model, the scene's text for the language model)."""
+    ('<image>' for the vision-language model, the scene's text for the language model). Each turn's
+    family is drawn uniformly, or with probabilities `weights` (one per family, summing to 1)."""
     messages: list[dict] = []
     while len(messages) < 2 * turns:
-        question = ask(families[rng.integers(len(families))], scene, rng, phrasing=phrasing)
+        index = rng.integers(len(families)) if weights is None else rng.choice(len(families), p=weights)
+        question = ask(families[index], scene, rng, phrasing=phrasing)
         if question is None:
             continue
         for q, a in question.turns:
@@ -121,7 +123,7 @@ SCENE_TEXTS = {"detailed": detailed_caption, "compact": compact_caption, "minima
 def text_conversations(seed: int, num_scenes: int, exclude: set, turns: int, text_probability: float = 0.35,
                        describe_probability: float = 0.2, describe_first: bool = False,
                        scene_text: str = "detailed", phrasing: str = "varied", families: Sequence[str] | None = None,
-                       max_objects: int = MAX_OBJECTS):
+                       max_objects: int = MAX_OBJECTS, family_weights: Mapping[str, float] | None = None):
     """Scenes-as-text conversations covering *every* family, held-out ones included, for
     pretraining the embedded language model. The scene's description opens the first user turn,
     where the image will stand later; some conversations also ask for the description itself, so
@@ -132,7 +134,9 @@ def text_conversations(seed: int, num_scenes: int, exclude: set, turns: int, tex
     whose objects that names uniquely) and `phrasing="canonical"` asks each family
     in one fixed form: an easier first curriculum stage, where in-context look-ups are learnt.
     `families` restricts the questions to those families (default: all) and `max_objects` caps the
-    objects per scene: fewer distractors make a first look-up easier to learn."""
+    objects per scene: fewer distractors make a first look-up easier to learn. `family_weights`
+    multiplies a family's share of the questions (default 1 each): a family learnt late can be
+    given more of the corpus without leaving the others out."""
     if scene_text not in SCENE_TEXTS:
         raise ValueError(f"unknown scene_text {scene_text!r}; valid: {', '.join(SCENE_TEXTS)}")
     if phrasing not in ("varied", "canonical"):
@@ -140,15 +144,23 @@ def text_conversations(seed: int, num_scenes: int, exclude: set, turns: int, tex
     describe_scene = SCENE_TEXTS[scene_text]
     rng = np.random.default_rng([seed, 1])
     families = tuple(families or FAMILIES)
-    unknown = [f for f in families if f not in FAMILIES]
+    unknown = [f for f in [*families, *(family_weights or {})] if f not in FAMILIES]
     if unknown:
         raise ValueError(f"unknown question families {unknown}; valid: {', '.join(FAMILIES)}")
+    weights = None
+    if family_weights:
+        outside = sorted(set(family_weights) - set(families))
+        bad = {f: w for f, w in family_weights.items() if not w > 0}
+        if outside or bad:
+            raise ValueError(f"family_weights must be positive and name families of the corpus; got {bad or outside}")
+        raw = np.array([family_weights.get(f, 1.0) for f in families])
+        weights = raw / raw.sum()
     records = []
     while len(records) < num_scenes:
         scene = sample_scene(rng, f"text_{len(records):07d}", "train", text_probability, max_objects)
         if scene.key() in exclude or (scene_text == "minimal" and not names_objects_uniquely(scene)):
             continue
-        messages = conversation(scene, rng, families, turns, describe_scene(scene), phrasing)
+        messages = conversation(scene, rng, families, turns, describe_scene(scene), phrasing, weights)
         if rng.random() < describe_probability:
             prompt = CAPTION_PROMPTS[rng.integers(len(CAPTION_PROMPTS))]
             describe = [{"from": "human", "value": prompt}, {"from": "gpt", "value": describe_scene(scene)}]
