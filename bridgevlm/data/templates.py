@@ -105,6 +105,10 @@ TEMPLATES: dict[str, ConversationTemplate] = {
     "blip2_vqa": ConversationTemplate("blip2_vqa", user="Question: ", assistant="Answer:", image_first=True),
     "blip2_vqa_short": ConversationTemplate("blip2_vqa_short", user="Question: ", assistant="Short answer:",
                                             image_first=True),
+    # InstructBLIP's training format: the queries, then the instruction exactly as the data words it
+    # (its templates carry the task), then the answer.
+    "blip2_instruction": ConversationTemplate("blip2_instruction", user="", assistant="", user_sep="",
+                                              image_first=True),
 }
 
 

@@ -64,6 +64,13 @@ def test_blip2_zero_shot_prompts_put_the_image_first(name, answer_cue):
     assert rendered == f"<image>Question: {Q1} {answer_cue} {A1}</s>Question: {Q2} {answer_cue} {A2}</s>"
 
 
+def test_the_instructblip_format_is_the_instruction_as_worded_after_the_image():
+    template = get_template("blip2_instruction")
+    messages = [{"from": "human", "value": "<image>\nA short image description:"}, {"from": "gpt", "value": "a red star."}]
+    assert _render(template.segments(messages)) == "<image>A short image description: a red star.</s>"
+    assert _render(template.segments(messages[:1], add_generation_prompt=True)) == "<image>A short image description:"
+
+
 def test_unknown_template_lists_valid_ones():
     with pytest.raises(KeyError, match="vicuna_v1.*plain|plain.*vicuna_v1"):
         get_template("vicuna_v2")
@@ -226,5 +233,5 @@ def test_chat_template_errors(tokenizer):
     tok.chat_template = "{% for m in messages|reverse %}{{ m['content'] }};{% endfor %}"  # not prefix-stable
     with pytest.raises(ConversationError, match="extension of the turns before it"):
         get_template(CHAT_TEMPLATE, tok).segments(_messages(("a", "b"), ("c", "d")))
-    with pytest.raises(KeyError, match="valid: vicuna_v1, vicuna_v1_nosys, plain, blip2_vqa, blip2_vqa_short, chat_template"):
+    with pytest.raises(KeyError, match="valid: vicuna_v1, vicuna_v1_nosys, plain, blip2_vqa, blip2_vqa_short, blip2_instruction, chat_template"):
         get_template("vicuna")

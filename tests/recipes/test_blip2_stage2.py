@@ -116,3 +116,31 @@ def test_the_shapes_and_paper_recipes_parse():
     assert stage.train.precision == "bf16" and paper.model.vision.feature_layer == -2
     generation = paper.eval.generation  # zero-shot VQA: "Question: {} Answer:", 5 beams, short answers favoured
     assert paper.eval.template == "blip2_vqa" and (generation.num_beams, generation.length_penalty) == (5, -1.0)
+
+
+def test_the_instructblip_and_flant5_paper_recipes_parse():
+    task, vicuna = load_recipe(REPO / "configs/instructblip/vicuna7b.yaml", ["model.connector.init=runs/s1"])
+    stage = vicuna.stages[0]
+    assert task == "vlm" and vicuna.model.connector.qformer.text_input and vicuna.model.template == "blip2_instruction"
+    assert (stage.trainable.vision, stage.trainable.connector, stage.trainable.llm) == ("frozen", "full", "frozen")
+    assert len(stage.data.sources) == 13 and len({s.name for s in stage.data.sources}) == 13  # the held-in datasets
+    optim, schedule = stage.train.optim, stage.train.schedule
+    assert (optim.lr, optim.weight_decay, stage.train.max_steps) == (1e-5, 0.05, 60_000)
+    # 1000-step linear warm-up from 1e-8 to 1e-5, then cosine to 0
+    assert (schedule.kind, schedule.warmup_steps, optim.lr * schedule.warmup_start_factor, schedule.min_lr_ratio) == (
+        "cosine", 1000, pytest.approx(1e-8), 0.0)
+    assert vicuna.eval.rank_candidates and vicuna.eval.template == "blip2_vqa_short"
+    assert vicuna.eval.generation.num_beams == 5
+
+    task, flant5 = load_recipe(REPO / "configs/instructblip/flant5xl.yaml")
+    assert flant5.model.llm == "google/flan-t5-xl"
+    assert flant5.stages[0].train.batch_size * flant5.stages[0].train.grad_accum == 192  # the paper's batch for 3B
+    flant5.model.llm, flant5.stages[0].train = vicuna.model.llm, stage.train
+    flant5.model.connector.init = vicuna.model.connector.init
+    assert to_dict(flant5) == to_dict(vicuna)  # otherwise the same recipe
+
+    task, blip2_t5 = load_recipe(REPO / "configs/blip2/stage2_flant5.yaml")
+    _, blip2_opt = load_recipe(REPO / "configs/blip2/stage2_opt.yaml")
+    assert blip2_t5.model.llm == "google/flan-t5-xl" and blip2_t5.eval.template == "blip2_vqa_short"
+    blip2_t5.model.llm, blip2_t5.eval.template = blip2_opt.model.llm, blip2_opt.eval.template
+    assert to_dict(blip2_t5) == to_dict(blip2_opt)
