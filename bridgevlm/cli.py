@@ -87,6 +87,10 @@ def _add_quickstart(sub) -> None:
     p.add_argument("--bridge", choices=["llava", "qformer", "all", "none"], default="llava",
                    help="what to train after the backbones: llava (LLaVA-1.5, the default), qformer (BLIP-2 stage 1, "
                         "then InstructBLIP; about 15 minutes), all, or none (stop after the backbones)")
+    p.add_argument("--stage1-recipe", type=Path, default=None,
+                   help="recipe for BLIP-2 stage 1 with --bridge qformer (default configs/shapes/blip2_stage1.yaml)")
+    p.add_argument("--instructblip-recipe", type=Path, default=None,
+                   help="recipe for InstructBLIP with --bridge qformer (default configs/shapes/instructblip.yaml)")
     p.add_argument("--skip-llava", action="store_true", help="the same as --bridge none")
     p.add_argument("--qformer-studies", action="store_true",
                    help="with the qformer bridge, also run InstructBLIP's ablation (multitask training on plain and "
@@ -231,6 +235,10 @@ def _quickstart(args) -> int:
                                 progress=not args.no_progress)
     if args.llava_recipe:
         options.llava_recipe = args.llava_recipe
+    if args.stage1_recipe:
+        options.qformer_stage1_recipe = args.stage1_recipe
+    if args.instructblip_recipe:
+        options.instructblip_recipe = args.instructblip_recipe
     if args.backbones:
         options.backbones = args.backbones
     if args.recipe:

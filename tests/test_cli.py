@@ -32,7 +32,8 @@ def test_top_level_help_lists_the_commands_and_examples(capsys):
     ("export", ["model", "--out", "--format", "LoRA"]),
     ("convert", ["source", "--out", "Llava"]),
     ("quickstart", ["--out", "--from-scratch", "--budget", "--backbones", "--recipe", "--llava-recipe", "--skip-llava",
-                    "--bridge", "{llava,qformer,all,none}", "--no-progress"]),
+                    "--bridge", "{llava,qformer,all,none}", "--stage1-recipe", "--instructblip-recipe",
+                    "--qformer-studies", "--no-progress"]),
 ])
 def test_subcommand_help_mentions_its_options(capsys, command, options):
     text = _help(capsys, [command])
@@ -132,6 +133,15 @@ def test_quickstart_with_given_backbones(tiny_backbones, tiny, tmp_path):
                  "--no-progress"]) == 0
     assert set(json.loads((tmp_path / "qs2/report.json").read_text())["metrics"]) == {"clip", "lm"}
     assert str(tiny_backbones) in (out / "report.md").read_text()
+
+
+def test_quickstart_with_the_qformer_bridge(tiny_backbones, tiny, tmp_path):
+    stage1, instructblip, _ = tiny.qformer_recipes(tmp_path)
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--out", str(out), "--backbones", str(tiny_backbones), "--bridge", "qformer",
+                 "--stage1-recipe", str(stage1), "--instructblip-recipe", str(instructblip), "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["metrics"]) == {"clip", "lm", "blip2_stage1", "instructblip"}
 
 
 def test_eval_with_missing_model_dir_is_a_clear_error(tmp_path, capsys, shapes_world):
