@@ -193,6 +193,23 @@ def vlm_parts(tokenizer, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def opt_parts(vlm_parts, tokenizer, tmp_path_factory):
+    """`vlm_parts` with a tiny OPT (learned positions, biased Linears, an FFN that flattens its input) in
+    place of the Llama."""
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+
+    out = tmp_path_factory.mktemp("opt_parts")
+    torch.manual_seed(0)
+    OPTForCausalLM(OPTConfig(
+        vocab_size=len(tokenizer), hidden_size=32, word_embed_proj_dim=32, ffn_dim=64, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {**vlm_parts, "llm": str(out)}
+
+
+@pytest.fixture(scope="session")
 def t5_parts(vlm_parts, tokenizer, tmp_path_factory):
     """`vlm_parts` with a tiny FlanT5-shaped encoder-decoder LLM (the session tokenizer; the decoder
     starts from the pad id, as T5's does) in place of the Llama."""

@@ -5,11 +5,19 @@ one-at-a-time runs.
 Starting from embeddings (not ids) is what lets the same loop serve a text-only LLM and a
 vision-language model whose prompt holds spliced visual tokens. An encoder-decoder LM (FlanT5) reads
 the prompt embeddings with its encoder, once; the decoding loops see only a decoder that steps
-token by token, the same for both kinds (`_open_decoder`).
+token by token, the same for both kinds (`_open_decoder`). A causal LM's new tokens enter by id, or
+through `embed_tokens` (ids [B, 1] -> [B, 1, D]) when its input embeddings are transformed before it
+reads them (CROME's text branch), so each new token is embedded as the prompt's tokens were.
+
+A vision-language model whose connector acts inside the LLM (partial LoRA, gated cross-attention)
+passes the prompt's `context` (models/connectors/in_llm.py): it is installed around every model call,
+as `context.decoding()` once the prompt is read (each new token is text that follows the row's last
+image), and follows the rows as beams repeat and reorder (`context.select(rows)`).
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -78,8 +86,9 @@ class _Decoder:
     """
 
     def __init__(self, model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, repeat: int = 1,
-                 max_length: int | None = None):
+                 max_length: int | None = None, embed_tokens=None, context=None):
         self.model = model
+        self.embed_tokens = embed_tokens
         if not model.training:  # a model used for inference on a CPU gets the faster decoding layout
             use_cpu_decoding_layout(model)
         width = inputs_embeds.shape[1]
@@ -89,9 +98,11 @@ class _Decoder:
             else:
                 self.cache = DynamicCache(config=model.config)
             self.mask = attention_mask.long()
-            out = model(inputs_embeds=inputs_embeds, attention_mask=self.mask,
-                        position_ids=position_ids_for(self.mask), past_key_values=self.cache, use_cache=True,
-                        cache_position=torch.arange(width, device=inputs_embeds.device), logits_to_keep=1)
+            with _applying(context):
+                out = model(inputs_embeds=inputs_embeds, attention_mask=self.mask,
+                            position_ids=position_ids_for(self.mask), past_key_values=self.cache, use_cache=True,
+                            cache_position=torch.arange(width, device=inputs_embeds.device), logits_to_keep=1)
+        self.context = None if context is None else context.decoding()
         self.logits = out.logits[:, -1].float()  # [B, V]
         self.next_position = self.mask.sum(-1, keepdim=True)  # [B, 1]
         self.written = width  # cache slots filled
@@ -101,12 +112,17 @@ class _Decoder:
             self.mask = self.mask.repeat_interleave(repeat, 0)
             self.logits = self.logits.repeat_interleave(repeat, 0)
             self.next_position = self.next_position.repeat_interleave(repeat, 0)
+            if self.context is not None:
+                rows = torch.arange(inputs_embeds.shape[0], device=inputs_embeds.device).repeat_interleave(repeat)
+                self.context = self.context.select(rows)
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B] -> next-token logits [B, V]."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
-        with torch.inference_mode():
-            out = self.model(input_ids=ids[:, None], attention_mask=self.mask, position_ids=self.next_position,
+        with torch.inference_mode(), _applying(self.context):
+            new = ({"input_ids": ids[:, None]} if self.embed_tokens is None else
+                   {"inputs_embeds": self.embed_tokens(ids[:, None])})
+            out = self.model(**new, attention_mask=self.mask, position_ids=self.next_position,
                              past_key_values=self.cache, use_cache=True,
                              cache_position=torch.tensor([self.written], device=ids.device))
         self.written += 1
@@ -119,6 +135,8 @@ class _Decoder:
             self.cache.reorder_cache(rows)
         self.mask = self.mask[rows]
         self.next_position = self.next_position[rows]
+        if self.context is not None:
+            self.context = self.context.select(rows)
 
 
 class _Seq2SeqDecoder:
@@ -166,10 +184,21 @@ class _Seq2SeqDecoder:
 
 
 def _open_decoder(model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, repeat: int = 1,
-                  max_length: int | None = None):
+                  max_length: int | None = None, embed_tokens=None, context=None):
     """The decoding state for `model`'s kind: a causal LM or an encoder-decoder one."""
-    kind = _Seq2SeqDecoder if getattr(model.config, "is_encoder_decoder", False) else _Decoder
-    return kind(model, inputs_embeds, attention_mask, repeat=repeat, max_length=max_length)
+    if getattr(model.config, "is_encoder_decoder", False):
+        if embed_tokens is not None:
+            raise ValueError("embed_tokens feeds a causal LM's new tokens; an encoder-decoder LM's decoder "
+                             "embeds its own")
+        if context is not None:
+            raise ValueError("a context is read by a connector inside a causal LM; an encoder-decoder LM has none")
+        return _Seq2SeqDecoder(model, inputs_embeds, attention_mask, repeat=repeat, max_length=max_length)
+    return _Decoder(model, inputs_embeds, attention_mask, repeat=repeat, max_length=max_length,
+                    embed_tokens=embed_tokens, context=context)
+
+
+def _applying(context):
+    return nullcontext() if context is None else context.applied()
 
 
 def _filter_logits(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
@@ -187,15 +216,17 @@ def _filter_logits(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
 
 
 def stream_tokens(model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, cfg: GenerationConfig,
-                  eos_token_id: int | None) -> Iterator[torch.Tensor]:
+                  eos_token_id: int | None, embed_tokens=None, context=None) -> Iterator[torch.Tensor]:
     """Greedy or sampled decoding; yields the next token of every row [B] at each step, until every
-    row has produced EOS or max_new_tokens. Rows that finished keep receiving EOS."""
+    row has produced EOS or max_new_tokens. Rows that finished keep receiving EOS. `embed_tokens`,
+    `context`: see the module docstring."""
     cfg.check()
     generator = None
     if cfg.do_sample and cfg.seed is not None:
         generator = torch.Generator(device=inputs_embeds.device).manual_seed(cfg.seed)
     decoder = _open_decoder(model, inputs_embeds, attention_mask,
-                            max_length=inputs_embeds.shape[1] + cfg.max_new_tokens)
+                            max_length=inputs_embeds.shape[1] + cfg.max_new_tokens, embed_tokens=embed_tokens,
+                            context=context)
     logits = decoder.logits
     finished = torch.zeros(inputs_embeds.shape[0], dtype=torch.bool, device=inputs_embeds.device)
     for step in range(cfg.max_new_tokens):
@@ -213,13 +244,15 @@ def stream_tokens(model, inputs_embeds: torch.Tensor, attention_mask: torch.Tens
         logits = decoder.step(ids)
 
 
-def _beam_search(model, inputs_embeds, attention_mask, cfg: GenerationConfig, eos_token_id) -> list[list[int]]:
+def _beam_search(model, inputs_embeds, attention_mask, cfg: GenerationConfig, eos_token_id,
+                 embed_tokens=None, context=None) -> list[list[int]]:
     """Beam search with a length penalty; returns the best hypothesis of each row (without EOS).
 
     A row stops once it holds num_beams finished hypotheses and no running beam can still beat the
     worst of them (the usual heuristic for a length penalty > 0)."""
     batch, beams = inputs_embeds.shape[0], cfg.num_beams
-    decoder = _open_decoder(model, inputs_embeds, attention_mask, repeat=beams)
+    decoder = _open_decoder(model, inputs_embeds, attention_mask, repeat=beams, embed_tokens=embed_tokens,
+                            context=context)
     device = inputs_embeds.device
     scores = torch.full((batch, beams), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: keep one so the first step does not pick duplicates
@@ -288,21 +321,21 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 
 @torch.no_grad()
 def generate(model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, cfg: GenerationConfig,
-             eos_token_id: int | None, tokenizer=None) -> GenerationOutput:
+             eos_token_id: int | None, tokenizer=None, embed_tokens=None, context=None) -> GenerationOutput:
     """Generate from a (left-padded) batch of prompt embeddings [B, T, D] with mask [B, T].
 
     `model` is a HF causal LM, or an encoder-decoder one whose encoder reads the prompt. With a
     tokenizer, texts are decoded and cut at the first stop string; stop strings also end a row's
-    decoding early (greedy/sampling)."""
+    decoding early (greedy/sampling). `embed_tokens`, `context`: see the module docstring."""
     cfg.check()
     if cfg.stop and tokenizer is None:
         raise ValueError("stop strings need a tokenizer to decode the generated text")
     if cfg.num_beams > 1:
-        tokens = _beam_search(model, inputs_embeds, attention_mask, cfg, eos_token_id)
+        tokens = _beam_search(model, inputs_embeds, attention_mask, cfg, eos_token_id, embed_tokens, context)
     else:
         tokens = [[] for _ in range(inputs_embeds.shape[0])]
         ended = [False] * len(tokens)
-        for ids in stream_tokens(model, inputs_embeds, attention_mask, cfg, eos_token_id):
+        for ids in stream_tokens(model, inputs_embeds, attention_mask, cfg, eos_token_id, embed_tokens, context):
             for row, token in enumerate(ids.tolist()):
                 if ended[row]:
                     continue

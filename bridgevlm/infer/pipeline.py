@@ -71,9 +71,10 @@ def answer(loaded: LoadedVlm, conversations: Sequence[list[dict]], images: Seque
     for start in range(0, len(conversations), batch_size):
         batch = prepare_prompts(loaded, template, conversations[start:start + batch_size], images[start:start + batch_size])
         pixels = batch["pixel_values"].to(device) if batch["pixel_values"] is not None else None
-        embeds = model.embed(batch["input_ids"].to(device), pixels, **_instruction_inputs(batch, device))
+        embeds, context = model.prepare(batch["input_ids"].to(device), pixels, **_instruction_inputs(batch, device))
         out = generate(model.llm.model, embeds, batch["attention_mask"].to(device), cfg,
-                       loaded.tokenizer.eos_token_id, loaded.tokenizer)
+                       loaded.tokenizer.eos_token_id, loaded.tokenizer, embed_tokens=model.text_embedder,
+                       context=context)
         replies += [t.strip() for t in out.texts]
     return replies
 
@@ -107,12 +108,13 @@ class Chat:
         loaded, template = self.loaded, self.template or get_template(self.loaded.config.template, self.loaded.tokenizer)
         batch = prepare_prompts(loaded, template, [messages], [images])
         model = loaded.model.eval()
-        embeds = model.embed(batch["input_ids"], batch["pixel_values"],
-                             **_instruction_inputs(batch, batch["input_ids"].device))
+        embeds, context = model.prepare(batch["input_ids"], batch["pixel_values"],
+                                        **_instruction_inputs(batch, batch["input_ids"].device))
         tokens: list[int] = []
         shown = ""
         tokenizer = loaded.tokenizer
-        for ids in stream_tokens(model.llm.model, embeds, batch["attention_mask"], self.cfg, tokenizer.eos_token_id):
+        for ids in stream_tokens(model.llm.model, embeds, batch["attention_mask"], self.cfg, tokenizer.eos_token_id,
+                                 embed_tokens=model.text_embedder, context=context):
             token = int(ids[0])
             if token == tokenizer.eos_token_id:
                 break

@@ -5,10 +5,16 @@ trained), `weights.safetensors` (the connector, the adapters and any fully train
 Q-Former that reads instructions, its tokenizer in `qformer_tokenizer/`. The pretrained vision tower
 and LLM are referenced by path, so a stage checkpoint stays small; `export_vlm` writes a standalone
 directory with LoRA merged.
+
+A stage that trained only some parts of the connector (`trainable.connector_parts`, e.g. CROME's
+adapter) and started from a saved model saves only those parts; its `vlm.yaml` names that model's
+directory as `base` (a path relative to itself), which `load_vlm` loads first.
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -23,7 +29,7 @@ from ..data.instructions import InstructionTokenizer
 from ..data.templates import IMAGE_TAG, ImagePlaceholder
 from ..io import atomic_write_text
 from .blip2_stage1 import load_stage1_into, load_text_tokenizer, stage1_model_dir, stage1_qformer_config
-from .connectors import ConnectorConfig, build_connector
+from .connectors import ConnectorConfig, build_connector, connector_part_names, is_in_llm
 from .llm import LanguageModel, LanguageModelProtocol
 from .lora import LoraSettings, inject_lora
 from .seq2seq_llm import Seq2SeqLanguageModel
@@ -60,6 +66,7 @@ class LoadedVlm:
     processor: ImageProcessor
     config: VlmConfig
     qformer_tokenizer: object | None = None  # the connector's own tokenizer for qformer_input_ids (InstructBLIP)
+    directory: Path | None = None  # the saved model directory whose weights the model holds (load_vlm, save_vlm)
 
     @property
     def placeholder(self) -> ImagePlaceholder:
@@ -148,26 +155,51 @@ def _resolve(path: str | None, base_dir: str | Path | None) -> str | None:
     return path
 
 
-def saved_state(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
-    """The parameters that differ from the pretrained parts: the connector, LoRA adapters, and
-    every parameter of a part that was fully trained."""
-    return {name: param.detach().cpu().contiguous() for name, param in model.named_parameters()
-            if name.startswith("connector.") or "lora_" in name or name.split(".", 1)[0] in model.fully_trained}
+def saved_state(model: VisionLanguageModel, connector_parts: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+    """The parameters that differ from the pretrained parts: the connector (only its `connector_parts`
+    when given; the rest lies in the base directory), LoRA adapters, and every parameter of a part
+    that was fully trained."""
+    connector = None
+    if connector_parts:
+        connector = {f"connector.{name}" for name in
+                     connector_part_names(model.connector, connector_parts, "connector_parts")}
+
+    def changed(name: str) -> bool:
+        if name.startswith("connector."):
+            return connector is None or name in connector
+        return "lora_" in name or name.split(".", 1)[0] in model.fully_trained
+
+    return {name: param.detach().cpu().contiguous() for name, param in model.named_parameters() if changed(name)}
+
+
+def _stacks_on(loaded: LoadedVlm, directory: Path) -> Path | None:
+    """The directory a save of `loaded` to `directory` stacks on: the one the model was loaded from
+    or last saved to, when the current stage trains only parts of the connector; else None."""
+    if not loaded.model.connector_parts or loaded.directory is None:
+        return None
+    base = Path(loaded.directory).resolve()
+    return None if base == directory.resolve() else base
 
 
 def save_vlm(loaded: LoadedVlm, directory: str | Path) -> Path:
-    """Write the changed weights and the config (weights first; the config marks a complete save)."""
+    """Write the changed weights and the config (weights first; the config marks a complete save).
+    The model then counts as holding `directory`'s weights (`loaded.directory`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model = loaded.model
+    base = _stacks_on(loaded, directory)
+    parts = list(model.connector_parts) if base is not None else []
     tmp = directory / f".{WEIGHTS_FILE}.tmp-{os.getpid()}"
-    save_file(saved_state(model), tmp)
+    save_file(saved_state(model, parts), tmp)
     os.replace(tmp, directory / WEIGHTS_FILE)
     if loaded.qformer_tokenizer is not None:
         loaded.qformer_tokenizer.save_pretrained(directory / QFORMER_TOKENIZER_DIR)
     meta = {"vlm": to_dict(loaded.config), "lora": {k: to_dict(v) for k, v in model.lora_parts.items()},
             "fully_trained": sorted(model.fully_trained)}
+    if base is not None:  # relative, so a run directory can move as a whole
+        meta.update(base=os.path.relpath(base, directory.resolve()), connector_parts=parts)
     atomic_write_text(directory / CONFIG_FILE, yaml.safe_dump(meta, sort_keys=False))
+    loaded.directory = directory
     return directory
 
 
@@ -179,9 +211,12 @@ def load_vlm(directory: str | Path, trust_remote_code: bool = False) -> LoadedVl
         raise VlmLoadError(f"{directory} is not a bridgevlm model directory: {CONFIG_FILE} is missing")
     meta = yaml.safe_load(config_path.read_text(encoding="utf-8"))
     cfg = from_dict(VlmConfig, meta["vlm"], source=str(config_path))
-    # The saved weights hold the whole connector: the stage-1 model it started from is not needed.
-    loaded = build_vlm(replace(cfg, connector=replace(cfg.connector, init=None, init_weights=True)), base_dir=directory,
-                       trust_remote_code=trust_remote_code)
+    if meta.get("base"):
+        loaded = _load_base(directory, meta, cfg, trust_remote_code)
+    else:
+        # The saved weights hold the whole connector: the stage-1 model it started from is not needed.
+        loaded = build_vlm(replace(cfg, connector=replace(cfg.connector, init=None, init_weights=True)),
+                           base_dir=directory, trust_remote_code=trust_remote_code)
     loaded.config = cfg
     if (directory / QFORMER_TOKENIZER_DIR).is_dir():
         loaded.qformer_tokenizer = AutoTokenizer.from_pretrained(str(directory / QFORMER_TOKENIZER_DIR),
@@ -189,11 +224,16 @@ def load_vlm(directory: str | Path, trust_remote_code: bool = False) -> LoadedVl
     model = loaded.model
     for part, settings in meta.get("lora", {}).items():
         lora = from_dict(LoraSettings, settings, source=f"{config_path}: lora.{part}")
+        if part in model.lora_parts:  # injected by the base directory
+            if model.lora_parts[part] != lora:
+                raise VlmLoadError(f"{config_path}: lora.{part} {lora} differs from its base's "
+                                   f"{model.lora_parts[part]}")
+            continue
         inject_lora(getattr(model, part), lora, part)
         model.lora_parts[part] = lora
     model.fully_trained = set(meta.get("fully_trained", []))
     state = load_file(directory / WEIGHTS_FILE)
-    expected = saved_state(model)
+    expected = saved_state(model, meta.get("connector_parts", []))
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(dict(model.named_parameters())))
     if missing or unexpected:
@@ -206,6 +246,20 @@ def load_vlm(directory: str | Path, trust_remote_code: bool = False) -> LoadedVl
                                f"the model expects {tuple(param.shape)}")
         with torch.no_grad():
             param.copy_(tensor)
+    loaded.directory = directory
+    return loaded
+
+
+def _load_base(directory: Path, meta: dict, cfg: VlmConfig, trust_remote_code: bool) -> LoadedVlm:
+    """The model a partial save in `directory` stacks on (meta's `base`, relative to `directory`)."""
+    base = directory / meta["base"]
+    if not (base / CONFIG_FILE).is_file():
+        raise VlmLoadError(f"{directory} holds only the connector parts {meta.get('connector_parts')} its stage "
+                           f"trained, on top of the model in {base}, which is missing; keep the run directory "
+                           f"together, or export a standalone copy (bridgevlm export) while it is")
+    loaded = load_vlm(base, trust_remote_code=trust_remote_code)
+    if to_dict(loaded.config) != to_dict(cfg):
+        raise VlmLoadError(f"{directory / CONFIG_FILE}: its model config differs from that of its base {base}")
     return loaded
 
 
@@ -217,10 +271,25 @@ def export_vlm(loaded: LoadedVlm, directory: str | Path) -> Path:
     model.merge_adapters()
     model.vision.save_pretrained(directory / "vision")
     loaded.processor.save_pretrained(directory / "vision")
-    model.llm.model.save_pretrained(directory / "llm")
+    with _own_modules(model):
+        model.llm.model.save_pretrained(directory / "llm")
     loaded.tokenizer.save_pretrained(directory / "llm")
     config = replace(loaded.config, vision=replace(loaded.config.vision, path="vision"), llm="llm", tokenizer=None,
                      image_token_id=model.image_token_id)
     model.fully_trained = set()  # the parts now live in vision/ and llm/
     save_vlm(LoadedVlm(model, loaded.tokenizer, loaded.processor, config, loaded.qformer_tokenizer), directory)
     return directory
+
+
+@contextmanager
+def _own_modules(model: VisionLanguageModel) -> Iterator[None]:
+    """The LLM with its own modules in place of an in-LLM connector's wrappers (whose parameters the
+    connector saves), so it is written in its own format."""
+    if not is_in_llm(model.connector):
+        yield
+        return
+    model.connector.detach(model.llm.model)
+    try:
+        yield
+    finally:
+        model.connector.attach(model.llm.model)

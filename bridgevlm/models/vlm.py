@@ -13,12 +13,27 @@ The LLM is decoder-only (models/llm.py) or an encoder-decoder such as FlanT5 (mo
 Either way the visual tokens go into the embeddings of `input_ids` (for an encoder-decoder, the
 encoder's input), and the LLM wrapper knows how to run itself on them: next-token loss on the
 labelled positions, or BLIP-2's prefix-LM loss on the decoder's targets.
+
+A connector with `adapt_text` (CROME's gated adapter) also transforms the text embeddings, in
+`embed_text`; generation embeds each new token the same way (`text_embedder`).
+
+An in-LLM connector (partial LoRA, Flamingo's gated cross-attention; connectors/in_llm.py) is attached
+to the LLM when the model is built: it wraps some of the LLM's modules. Those read, per forward, a
+context the connector builds from the batch: which positions hold visual tokens, which image each
+token follows, the images' latents. `prepare(...)` returns the embeddings and that context (None for
+an input-level connector); the context is installed only around the LLM call that reads those
+embeddings (`with context.applied(): ...`; `forward` and `logits` do it), and again during that
+call's backward pass (checkpointed layers recompute it). Generation takes it along
+(`generate(..., context=...)`): after the prompt, `context.decoding()` describes each new token (text,
+following the row's last image), and `context.select(rows)` follows beams. So `embed` alone does not
+carry the images to an in-LLM connector: use `prepare`.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from .connectors.in_llm import LlmContext, applied, hold_during_backward, is_in_llm
 from .llm import LanguageModelProtocol
 from .lora import merge_lora
 from .output import LossOutput
@@ -46,6 +61,11 @@ class VisionLanguageModel(nn.Module):
         self.image_token_id = image_token_id
         self.lora_parts: dict = {}  # part name -> LoraSettings of the adapters it holds
         self.fully_trained: set[str] = set()  # parts whose every weight may differ from the pretrained one
+        # The connector's sub-parts (e.g. "adapter") the current stage trains; empty: the whole connector.
+        # A save then holds only those, on top of the model directory the stage started from.
+        self.connector_parts: list[str] = []
+        if is_in_llm(connector):
+            connector.attach(llm.model)
 
     def merge_adapters(self) -> None:
         """Fold every part's LoRA adapters into its weights; those parts then count as fully trained."""
@@ -90,13 +110,44 @@ class VisionLanguageModel(nn.Module):
         num_images = 0 if images is None else images.shape[0]
         self._check_placeholders(is_image, num_images, sample_ids)
         # The placeholder id may lie outside the vocabulary (HF Llava's default): look up a valid id instead.
-        embeds = self.llm.embed(input_ids.masked_fill(is_image, 0))
+        embeds = self.embed_text(input_ids.masked_fill(is_image, 0))
         if num_images:
             features = vision_features if vision_features is not None else self.vision(pixel_values)
             visual = self.connect(features, qformer_input_ids, qformer_attention_mask)
             visual = visual.to(embeds.dtype)  # [I, M, D]
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), visual.reshape(-1, visual.shape[-1]))
         return embeds
+
+    def prepare(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                sample_ids: list | None = None, vision_features: torch.Tensor | None = None,
+                qformer_input_ids: torch.Tensor | None = None,
+                qformer_attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LlmContext | None]:
+        """`embed`'s inputs -> (inputs_embeds [B, T, D], the context an in-LLM connector reads while the
+        LLM runs on them, or None for an input-level connector)."""
+        if not is_in_llm(self.connector):
+            return self.embed(input_ids, pixel_values, sample_ids, vision_features, qformer_input_ids,
+                              qformer_attention_mask), None
+        features = vision_features
+        if features is None and pixel_values is not None:
+            features = self.vision(pixel_values)  # once, for the spliced tokens and the context
+        embeds = self.embed(input_ids, None, sample_ids, features, qformer_input_ids, qformer_attention_mask)
+        return embeds, self.connector.context(input_ids == self.image_token_id, features)
+
+    def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, T] -> the LLM's input embeddings [B, T, D], through the connector's text branch
+        when it has one (position by position, so image placeholders can be overwritten afterwards)."""
+        embeds = self.llm.embed(input_ids)
+        adapt = getattr(self.connector, "adapt_text", None)
+        return embeds if adapt is None else adapt(embeds)
+
+    @property
+    def text_embedder(self):
+        """How generation feeds each new token [B, 1] to the LLM: None when by its id (the LLM's own
+        embedding), `embed_text` when the connector adapts text. An encoder-decoder LLM's decoder always
+        embeds its own tokens (the text branch adapts the encoder's input only)."""
+        if self.llm.is_encoder_decoder or not hasattr(self.connector, "adapt_text"):
+            return None
+        return self.embed_text
 
     def _check_placeholders(self, is_image: torch.Tensor, num_images: int, sample_ids) -> None:
         per_row = is_image.sum(1).tolist()
@@ -119,9 +170,10 @@ class VisionLanguageModel(nn.Module):
         """Next-token logits at every position [B, T, V] (for scoring and parity checks). With an
         encoder-decoder LLM, `input_ids` is the encoder's input and the logits are those of the
         decoder positions [B, S, V] given `decoder_input_ids` [B, S]."""
-        embeds = self.embed(input_ids, pixel_values, qformer_input_ids=qformer_input_ids,
-                            qformer_attention_mask=qformer_attention_mask)
-        return self.llm.logits_from_embeds(embeds, attention_mask, decoder_input_ids, decoder_attention_mask)
+        embeds, context = self.prepare(input_ids, pixel_values, qformer_input_ids=qformer_input_ids,
+                                       qformer_attention_mask=qformer_attention_mask)
+        with applied(context):
+            return self.llm.logits_from_embeds(embeds, attention_mask, decoder_input_ids, decoder_attention_mask)
 
     def forward(self, batch: dict) -> LossOutput:
         """batch: input_ids, attention_mask [B, T], labels [B, T] (an encoder-decoder LLM: labels [B, S]
@@ -129,7 +181,10 @@ class VisionLanguageModel(nn.Module):
         seq2seq_llm.py); pixel_values [I, 3, H, W] or vision_features [I, N, Dv] (optional);
         qformer_input_ids, qformer_attention_mask [I, Tq] (optional, for a connector that reads
         instructions)."""
-        embeds = self.embed(batch["input_ids"], batch.get("pixel_values"), batch.get("sample_ids"),
-                            batch.get("vision_features"), batch.get("qformer_input_ids"),
-                            batch.get("qformer_attention_mask"))
-        return self.llm.loss_from_embeds(embeds, batch)
+        embeds, context = self.prepare(batch["input_ids"], batch.get("pixel_values"), batch.get("sample_ids"),
+                                       batch.get("vision_features"), batch.get("qformer_input_ids"),
+                                       batch.get("qformer_attention_mask"))
+        with applied(context):
+            out = self.llm.loss_from_embeds(embeds, batch)
+        hold_during_backward(context, out.loss_sum)
+        return out

@@ -106,6 +106,7 @@ def run_stage(loaded: LoadedVlm, stage: Stage, out: Path, progress: bool = True,
     dist = dist or init_distributed()
     model = loaded.model
     apply_trainability(model, stage.trainable, stage.lora)
+    trainable_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if stage.gradient_checkpointing:
         model.llm.set_activation_checkpointing(True)
     template = get_template(stage.data.template or loaded.config.template, loaded.tokenizer)
@@ -130,7 +131,8 @@ def run_stage(loaded: LoadedVlm, stage: Stage, out: Path, progress: bool = True,
                          config_to_save=to_dict(stage), progress=progress, sampler=data.sampler)
     if stage.gradient_checkpointing:
         model.llm.set_activation_checkpointing(False)
-    summary = {"steps": result.steps, "final_loss": result.final_loss, "data": data_report,
+    summary = {"steps": result.steps, "final_loss": result.final_loss, "trainable_parameters": trainable_parameters,
+               "data": data_report,
                "seconds": sum(r.get("seconds", 0.0) for r in result.history if "loss" in r)}
     if dist.is_main:
         write_json(out / "summary.json", summary)
