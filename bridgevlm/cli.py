@@ -22,6 +22,12 @@ EXAMPLES = """examples:
   bridgevlm eval vlm runs/llava --world runs/quickstart/world
   bridgevlm train configs/shapes/blip2_stage1.yaml --out runs/blip2_stage1 world=runs/quickstart/world
   bridgevlm train configs/shapes/blip2.yaml --out runs/blip2 world=runs/quickstart/world model.connector.init=runs/blip2_stage1
+  bridgevlm train configs/shapes/instructblip.yaml --out runs/instructblip world=runs/quickstart/world model.connector.init=runs/blip2_stage1
+  bridgevlm eval vlm runs/instructblip --world runs/quickstart/world --rank-candidates --blind
+  bridgevlm train configs/shapes/crome.yaml --out runs/crome world=runs/quickstart/world model.connector.init=runs/blip2_stage1
+  bridgevlm train configs/shapes/partial_lora.yaml --out runs/plora world=runs/quickstart/world
+  bridgevlm train configs/shapes/flamingo.yaml --out runs/flamingo world=runs/quickstart/world
+  bridgevlm quickstart --out runs/qs-qformer --bridge qformer --qformer-studies   BLIP-2 + InstructBLIP, ablation
   bridgevlm chat runs/llava --image runs/quickstart/world/images/test/test_000000.png
   bridgevlm export runs/llava --out exported/llava-shapes            (LoRA merged, standalone)
   bridgevlm export runs/llava --out exported/llava-hf --format llava (a transformers Llava directory)
