@@ -1,10 +1,8 @@
 """Flamingo: a Perceiver resampler and gated cross-attention blocks between the frozen LLM's layers."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -16,7 +14,8 @@ from bridgevlm.models.connectors.gated_xattn import GatedLayer
 from bridgevlm.models.lora import LoraSettings
 from bridgevlm.train.trainability import Trainability, apply_trainability
 
-IMAGE = object()  # one image's marker in `_ids`
+from in_llm_support import IMAGE, base_llm, random_images, random_pixels, token_ids
+
 SMALL = {"num_latents": 4, "resampler_layers": 1, "resampler_heads": 2, "resampler_head_dim": 8, "every": 1,
          "heads": 2, "head_dim": 8, "ff_mult": 2}
 
@@ -34,24 +33,6 @@ def _build(parts, gates: float | None = 1.0, **sizes):
     return loaded
 
 
-@pytest.fixture(params=["llama", "opt"])
-def parts(request, vlm_parts, opt_parts, single_thread):
-    return {"llama": vlm_parts, "opt": opt_parts}[request.param]
-
-
-def _ids(loaded, *pieces) -> list[int]:
-    ids = []
-    for piece in pieces:
-        ids += [loaded.model.image_token_id] if piece is IMAGE else loaded.tokenizer(piece, add_special_tokens=False).input_ids
-    return ids
-
-
-def _pixels(count: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(count, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
-def _base(parts) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(parts["llm"]).eval()
 
 
 @torch.no_grad()
@@ -60,11 +41,11 @@ def test_with_closed_gates_the_model_is_the_base_llm(parts):
     model = loaded.model
     assert model.num_image_tokens == 1
     assert sum(isinstance(m, GatedLayer) for m in model.llm.model.modules()) == 2  # every: 1, two layers
-    base = _base(parts)
-    ids, mask = left_pad([_ids(loaded, "What colour is the circle?"), _ids(loaded, "hello world")], 0)
+    base = base_llm(parts)
+    ids, mask = left_pad([token_ids(loaded, "What colour is the circle?"), token_ids(loaded, "hello world")], 0)
     assert torch.equal(model.logits(ids, mask), base(input_ids=ids, attention_mask=mask).logits)
-    ids, mask = left_pad([_ids(loaded, "What colour", IMAGE, "is it?", IMAGE, "red"), _ids(loaded, IMAGE, "hi")], 0)
-    pixels = _pixels(3)
+    ids, mask = left_pad([token_ids(loaded, "What colour", IMAGE, "is it?", IMAGE, "red"), token_ids(loaded, IMAGE, "hi")], 0)
+    pixels = random_pixels(3)
     expected = base(inputs_embeds=model.embed(ids, pixels), attention_mask=mask).logits
     assert torch.equal(model.logits(ids, mask, pixels), expected)
 
@@ -73,9 +54,9 @@ def test_with_closed_gates_the_model_is_the_base_llm(parts):
 def test_text_after_an_image_reads_it_and_text_before_does_not(parts):
     loaded = _build(parts)
     model = loaded.model
-    ids = torch.tensor([_ids(loaded, "What colour", IMAGE, "is the circle?")])
+    ids = torch.tensor([token_ids(loaded, "What colour", IMAGE, "is the circle?")])
     marker = int((ids[0] == model.image_token_id).nonzero())
-    one, other = model.logits(ids, None, _pixels(1, seed=1)), model.logits(ids, None, _pixels(1, seed=2))
+    one, other = model.logits(ids, None, random_pixels(1, seed=1)), model.logits(ids, None, random_pixels(1, seed=2))
     assert marker > 0 and torch.equal(one[:, :marker], other[:, :marker])
     assert not torch.allclose(one[:, marker:], other[:, marker:], atol=1e-4)
 
@@ -84,7 +65,7 @@ def test_text_after_an_image_reads_it_and_text_before_does_not(parts):
 def test_a_token_reads_only_the_most_recent_image(vlm_parts, single_thread):
     loaded = _build(vlm_parts)
     model, connector = loaded.model, loaded.model.connector
-    ids = torch.tensor([_ids(loaded, "a b", IMAGE, "c d", IMAGE, "e f")])
+    ids = torch.tensor([token_ids(loaded, "a b", IMAGE, "c d", IMAGE, "e f")])
     first, second = (ids[0] == model.image_token_id).nonzero().squeeze(1).tolist()
     y = torch.randn(1, ids.shape[1], 32)
     block = connector.blocks["0"]
@@ -93,16 +74,11 @@ def test_a_token_reads_only_the_most_recent_image(vlm_parts, single_thread):
         context = connector.context(ids == model.image_token_id, model.vision(pixels))
         return block.attn(y, context.media, context.image_slot)[0]
 
-    both = read(_pixels(2, seed=1))
-    new_first = read(torch.cat([_pixels(1, seed=5), _pixels(2, seed=1)[1:]]))
+    both = read(random_pixels(2, seed=1))
+    new_first = read(torch.cat([random_pixels(1, seed=5), random_pixels(2, seed=1)[1:]]))
     assert torch.equal(both[:first], torch.zeros_like(both[:first]))  # before any image: nothing
     assert not torch.allclose(both[first:second], new_first[first:second])
     assert torch.equal(both[second:], new_first[second:])  # after the second image: only the second
-
-
-def _images(count: int, seed: int) -> list[Image.Image]:
-    rng = np.random.RandomState(seed)
-    return [Image.fromarray(rng.randint(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(count)]
 
 
 @torch.no_grad()
@@ -111,16 +87,16 @@ def test_batched_generation_equals_one_at_a_time_and_new_tokens_read_the_last_im
     conversations = [[{"from": "human", "value": "<image>\nWhat colour is the circle?"}],
                      [{"from": "human", "value": "Say hello."}],
                      [{"from": "human", "value": "<image> or <image>: which has more squares?"}]]
-    images = [_images(1, 1), [], _images(2, 2)]
+    images = [random_images(1, 1), [], random_images(2, 2)]
     cfg = GenerationConfig(max_new_tokens=6)
     batched = answer(loaded, conversations, images, cfg, batch_size=3)
     assert batched == [answer(loaded, [c], [i], cfg)[0] for c, i in zip(conversations, images)]
     assert Chat(loaded, images[0][0], cfg).ask("What colour is the circle?") == batched[0]  # bridgevlm chat's path
     # With the KV cache a new token reads the row's last image: its logits are those of a full forward.
     model = loaded.model
-    ids = torch.tensor([_ids(loaded, "a b", IMAGE, "c d", IMAGE, "which?")])
+    ids = torch.tensor([token_ids(loaded, "a b", IMAGE, "c d", IMAGE, "which?")])
     new = [5, 17, 42]
-    pixels = _pixels(2, seed=3)
+    pixels = random_pixels(2, seed=3)
     full = model.logits(torch.cat([ids, torch.tensor([new])], 1), None, pixels)[0, ids.shape[1]:]
     embeds, context = model.prepare(ids, pixels)
     decoder = _open_decoder(model.llm.model, embeds, torch.ones_like(ids), context=context)
@@ -140,10 +116,10 @@ def test_trains_exactly_the_resampler_marker_and_blocks(vlm_parts, single_thread
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n, _ in model.named_parameters() if n.startswith("connector.")}
     assert {"connector.marker", "connector.blocks.0.attn_gate", "connector.blocks.1.ff_gate"} <= trainable
-    ids = torch.tensor([_ids(loaded, "What colour", IMAGE, "is the circle? red")])
+    ids = torch.tensor([token_ids(loaded, "What colour", IMAGE, "is the circle? red")])
     model.train()
     model({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids,
-           "pixel_values": _pixels(1)}).loss_sum.backward()
+           "pixel_values": random_pixels(1)}).loss_sum.backward()
     gates = [p.grad for n, p in model.connector.named_parameters() if n.endswith("_gate")]
     assert all(g is not None and g.abs().sum() > 0 for g in gates)  # closed gates still learn to open
     apply_trainability(model, Trainability(connector="full", llm="lora"), LoraSettings(rank=2))  # inside GatedLayers
@@ -153,8 +129,8 @@ def test_trains_exactly_the_resampler_marker_and_blocks(vlm_parts, single_thread
 def test_activation_checkpointing_gives_the_same_gradients(vlm_parts, single_thread):
     loaded = _build(vlm_parts, gates=0.5)
     model = loaded.model.train()
-    ids, mask = left_pad([_ids(loaded, "What colour", IMAGE, "is it? red"), _ids(loaded, "hi", IMAGE, "ok")], 0)
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids, "pixel_values": _pixels(2)}
+    ids, mask = left_pad([token_ids(loaded, "What colour", IMAGE, "is it? red"), token_ids(loaded, "hi", IMAGE, "ok")], 0)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids, "pixel_values": random_pixels(2)}
 
     def grads():
         model.zero_grad()
@@ -173,8 +149,8 @@ def test_activation_checkpointing_gives_the_same_gradients(vlm_parts, single_thr
 @torch.no_grad()
 def test_save_load_and_export_round_trips(vlm_parts, tmp_path, single_thread):
     loaded = _build(vlm_parts)
-    ids, mask = left_pad([_ids(loaded, "What colour", IMAGE, "is it?", IMAGE, "red"), _ids(loaded, "hello")], 0)
-    pixels = _pixels(2)
+    ids, mask = left_pad([token_ids(loaded, "What colour", IMAGE, "is it?", IMAGE, "red"), token_ids(loaded, "hello")], 0)
+    pixels = random_pixels(2)
     expected = loaded.model.logits(ids, mask, pixels)
     save_vlm(loaded, tmp_path / "saved")
     weights = load_file(tmp_path / "saved/weights.safetensors")
@@ -195,8 +171,8 @@ def test_misconfigurations_are_named(vlm_parts, t5_parts, single_thread):
     with pytest.raises(ValueError, match="gated_xattn connector acts inside a decoder-only LLM"):
         _build(t5_parts)
     loaded = _build(vlm_parts)
-    ids = torch.tensor([_ids(loaded, "a", IMAGE, "b")])
-    _, context = loaded.model.prepare(ids, _pixels(1))
+    ids = torch.tensor([token_ids(loaded, "a", IMAGE, "b")])
+    _, context = loaded.model.prepare(ids, random_pixels(1))
     with context.applied(), pytest.raises(ValueError, match=r"describes a batch of shape \(1, 3\) but the LLM runs "
                                                              r"on \(1, 2\)"):
         loaded.model.llm.model(input_ids=ids[:, :2])

@@ -1,10 +1,8 @@
 """Partial LoRA (XComposer2): low-rank updates of the LLM's linears at visual positions only."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -16,7 +14,8 @@ from bridgevlm.models.connectors.partial_lora import PartialLoraLinear
 from bridgevlm.models.lora import LoraSettings
 from bridgevlm.train.trainability import Trainability, apply_trainability
 
-IMAGE = object()  # stands for one image's placeholders in `_ids`
+from in_llm_support import IMAGE, base_llm, random_images, random_pixels, token_ids
+
 
 
 def _config(parts, **plora):
@@ -35,44 +34,23 @@ def _build(parts, trained=True, **plora):
     return loaded
 
 
-@pytest.fixture(params=["llama", "opt"])
-def parts(request, vlm_parts, opt_parts, single_thread):
-    return {"llama": vlm_parts, "opt": opt_parts}[request.param]
-
-
-def _ids(loaded, *pieces) -> list[int]:
-    ids = []
-    for piece in pieces:
-        if piece is IMAGE:
-            ids += [loaded.model.image_token_id] * loaded.model.num_image_tokens
-        else:
-            ids += loaded.tokenizer(piece, add_special_tokens=False).input_ids
-    return ids
-
-
-def _pixels(count: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(count, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
-def _base(parts) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(parts["llm"]).eval()
 
 
 @torch.no_grad()
 def test_text_only_logits_are_the_base_llms_bit_for_bit(parts):
     loaded = _build(parts)
-    ids, mask = left_pad([_ids(loaded, "What colour is the circle?"), _ids(loaded, "hello world")], 0)
-    assert torch.equal(loaded.model.logits(ids, mask), _base(parts)(input_ids=ids, attention_mask=mask).logits)
+    ids, mask = left_pad([token_ids(loaded, "What colour is the circle?"), token_ids(loaded, "hello world")], 0)
+    assert torch.equal(loaded.model.logits(ids, mask), base_llm(parts)(input_ids=ids, attention_mask=mask).logits)
 
 
 @torch.no_grad()
 def test_with_images_only_visual_positions_are_adapted(parts):
     loaded = _build(parts, trained=False)
     model = loaded.model
-    ids, mask = left_pad([_ids(loaded, "What colour", IMAGE, "is the circle?"), _ids(loaded, "hello", IMAGE)], 0)
-    pixels = _pixels(2)
+    ids, mask = left_pad([token_ids(loaded, "What colour", IMAGE, "is the circle?"), token_ids(loaded, "hello", IMAGE)], 0)
+    pixels = random_pixels(2)
     embeds = model.embed(ids, pixels)
-    base = _base(parts)(inputs_embeds=embeds, attention_mask=mask).logits
+    base = base_llm(parts)(inputs_embeds=embeds, attention_mask=mask).logits
     assert torch.equal(model.logits(ids, mask, pixels), base)  # B = 0: the LLM is unchanged
     for update in model.connector.adapters.values():
         torch.nn.init.normal_(update.up.weight, std=0.5)
@@ -107,9 +85,9 @@ def test_trains_exactly_the_projection_and_the_updates(vlm_parts, single_thread)
     assert trainable == {n for n, _ in model.named_parameters() if n.startswith("connector.")}
     assert any(".adapters." in n for n in trainable) and any(".projector." in n for n in trainable)
     assert not any(n.startswith("llm.") for n in trainable)
-    ids, mask = left_pad([_ids(loaded, "What colour", IMAGE, "is the circle? red")], 0)
+    ids, mask = left_pad([token_ids(loaded, "What colour", IMAGE, "is the circle? red")], 0)
     model.train()
-    model({"input_ids": ids, "attention_mask": mask, "labels": ids, "pixel_values": _pixels(1)}).loss_sum.backward()
+    model({"input_ids": ids, "attention_mask": mask, "labels": ids, "pixel_values": random_pixels(1)}).loss_sum.backward()
     ups = [u.up.weight.grad for u in model.connector.adapters.values()]
     assert all(g is not None and g.abs().sum() > 0 for g in ups)  # B learns first (A's gradient is B^T·... = 0)
     with pytest.raises(ValueError, match="trainable.llm: lora would add LoRA to the LLM's linear layers, which the "
@@ -120,8 +98,8 @@ def test_trains_exactly_the_projection_and_the_updates(vlm_parts, single_thread)
 def test_activation_checkpointing_recomputes_with_the_same_positions(vlm_parts, single_thread):
     loaded = _build(vlm_parts)
     model = loaded.model.train()
-    ids, mask = left_pad([_ids(loaded, "What colour", IMAGE, "is it? red"), _ids(loaded, "hi", IMAGE, "ok")], 0)
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids, "pixel_values": _pixels(2)}
+    ids, mask = left_pad([token_ids(loaded, "What colour", IMAGE, "is it? red"), token_ids(loaded, "hi", IMAGE, "ok")], 0)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids, "pixel_values": random_pixels(2)}
 
     def grads():
         model.zero_grad()
@@ -137,26 +115,21 @@ def test_activation_checkpointing_recomputes_with_the_same_positions(vlm_parts, 
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6)
 
 
-def _images(count: int, seed: int) -> list[Image.Image]:
-    rng = np.random.RandomState(seed)
-    return [Image.fromarray(rng.randint(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(count)]
-
-
 @torch.no_grad()
 def test_batched_generation_equals_one_at_a_time_and_the_cached_decoding(parts):
     loaded = _build(parts)
     conversations = [[{"from": "human", "value": "<image>\nWhat colour is the circle?"}],
                      [{"from": "human", "value": "Say hello."}],
                      [{"from": "human", "value": "Is there a <image> here? yes no"}]]
-    images = [_images(1, 1), [], _images(1, 2)]
+    images = [random_images(1, 1), [], random_images(1, 2)]
     cfg = GenerationConfig(max_new_tokens=6)
     batched = answer(loaded, conversations, images, cfg, batch_size=3)
     assert batched == [answer(loaded, [c], [i], cfg)[0] for c, i in zip(conversations, images)]
     # With the KV cache every new token is text: its logits are those of a full forward.
     model = loaded.model
-    ids = torch.tensor([_ids(loaded, "What colour", IMAGE, "is the circle?")])
+    ids = torch.tensor([token_ids(loaded, "What colour", IMAGE, "is the circle?")])
     new = [5, 17, 42]
-    pixels = _pixels(1, seed=3)
+    pixels = random_pixels(1, seed=3)
     full = model.logits(torch.cat([ids, torch.tensor([new])], 1), None, pixels)[0, ids.shape[1]:]
     embeds, context = model.prepare(ids, pixels)
     decoder = _open_decoder(model.llm.model, embeds, torch.ones_like(ids), context=context)
@@ -166,8 +139,8 @@ def test_batched_generation_equals_one_at_a_time_and_the_cached_decoding(parts):
 @torch.no_grad()
 def test_save_load_and_export_round_trips(vlm_parts, tmp_path, single_thread):
     loaded = _build(vlm_parts)
-    ids, mask = left_pad([_ids(loaded, "What colour", IMAGE, "is the circle?"), _ids(loaded, "hello")], 0)
-    pixels = _pixels(1)
+    ids, mask = left_pad([token_ids(loaded, "What colour", IMAGE, "is the circle?"), token_ids(loaded, "hello")], 0)
+    pixels = random_pixels(1)
     expected = loaded.model.logits(ids, mask, pixels)
     save_vlm(loaded, tmp_path / "saved")
     weights = load_file(tmp_path / "saved/weights.safetensors")
