@@ -32,6 +32,16 @@ EXAMPLES = """examples:
   bridgevlm export runs/llava --out exported/llava-shapes            (LoRA merged, standalone)
   bridgevlm export runs/llava --out exported/llava-hf --format llava (a transformers Llava directory)
   bridgevlm convert path/to/llava-1.5-7b-hf --out models/llava15     (a transformers Llava, BLIP-2 or InstructBLIP)
+  bridgevlm params configs/llava15/stage2_lora.yaml configs/crome/vicuna7b.yaml   trainable vs total, per stage
+"""
+
+PARAMS_EXAMPLES = """examples:
+  bridgevlm params configs/shapes/llava.yaml configs/shapes/flamingo.yaml
+  bridgevlm params configs/shapes/crome.yaml --stage1 configs/shapes/blip2_stage1.yaml
+  bridgevlm params configs/llava15/stage2_lora.yaml configs/crome/vicuna7b.yaml --json
+  # a Shapes recipe at 7B scale, through overrides:
+  bridgevlm params configs/shapes/partial_lora.yaml model.llm=lmsys/vicuna-7b-v1.5 \\
+      model.vision.path=openai/clip-vit-large-patch14-336 model.connector.partial_lora.rank=256
 """
 
 
@@ -141,13 +151,32 @@ def _add_convert(sub) -> None:
     p.add_argument("--out", required=True, type=Path)
 
 
+def _add_params(sub) -> None:
+    p = sub.add_parser("params", help="trainable vs total parameters of each stage of recipes, without weights",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=PARAMS_EXAMPLES,
+                       description="Count what each stage of a vlm (or blip2_stage1) recipe trains against all "
+                                   "the model holds, by part (vision, the connector's parts, llm, LoRA). The model "
+                                   "is built from configs on the meta device, so nothing is downloaded or "
+                                   "allocated and 7B recipes take a second; each stage's `trainable` is applied "
+                                   "as training applies it. Architectures come from local directories, else the "
+                                   "Hugging Face cache, else bridgevlm's table of the public configs the paper "
+                                   "recipes name (the notes say when). Dotted overrides apply to every recipe.")
+    p.add_argument("recipes", nargs="+", metavar="RECIPE|KEY=VALUE",
+                   help="recipe YAML files, then dotted overrides such as model.llm=lmsys/vicuna-7b-v1.5")
+    p.add_argument("--stage1", type=Path, default=None, metavar="RECIPE",
+                   help="a blip2_stage1 recipe whose Q-Former stands in for a model.connector.init run that is not "
+                        "here (default: the recipe's own connector.qformer sizes, BERT-base unless set)")
+    p.add_argument("--json", action="store_true", help="print a JSON list, one report per recipe")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bridgevlm", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
         description="Build vision-language models: a frozen vision encoder and a frozen LLM joined by a small trained bridge.")
     parser.add_argument("--version", action="version", version=f"bridgevlm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_quickstart, _add_world, _add_train, _add_eval, _add_chat, _add_export, _add_convert):
+    for add in (_add_quickstart, _add_world, _add_train, _add_eval, _add_chat, _add_export, _add_convert,
+                _add_params):
         add(sub)
     return parser
 
@@ -156,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # Overrides may come after options (`train R.yaml --out D a.b=1`), which argparse leaves unparsed.
-    if args.command == "train" and all("=" in item and not item.startswith("-") for item in extra):
-        args.overrides += extra
+    if args.command in ("train", "params") and all("=" in item and not item.startswith("-") for item in extra):
+        getattr(args, "overrides" if args.command == "train" else "recipes").extend(extra)
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -296,8 +325,24 @@ def _convert(args) -> int:
     return 0
 
 
+def _params(args) -> int:
+    from .eval.param_report import format_report, report_recipe, stage1_source
+
+    recipes = [item for item in args.recipes if "=" not in item]
+    overrides = [item for item in args.recipes if "=" in item]
+    if not recipes:
+        raise ValueError("no recipe given; e.g. bridgevlm params configs/shapes/llava.yaml")
+    stage1 = stage1_source(args.stage1) if args.stage1 else None
+    reports = [report_recipe(path, overrides, stage1) for path in recipes]
+    if args.json:
+        print(json.dumps([report.to_dict() for report in reports], indent=1))
+    else:
+        print("\n\n".join(format_report(report) for report in reports))
+    return 0
+
+
 COMMANDS = {"world": _world, "train": _train, "eval": _eval, "quickstart": _quickstart, "chat": _chat,
-            "export": _export, "convert": _convert}
+            "export": _export, "convert": _convert, "params": _params}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -145,8 +145,12 @@ def load_language_model(name_or_path: str | Path, dtype: torch.dtype | None = No
                         trust_remote_code: bool = False) -> LanguageModelProtocol:
     """The LLM wrapper its config calls for: encoder-decoder (T5, BART) or causal."""
     config = AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
-    wrapper = Seq2SeqLanguageModel if getattr(config, "is_encoder_decoder", False) else LanguageModel
-    return wrapper.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    return language_model_class(config).from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def language_model_class(config) -> type[LanguageModel] | type[Seq2SeqLanguageModel]:
+    """The LLM wrapper a transformers config calls for: encoder-decoder (T5, BART) or causal."""
+    return Seq2SeqLanguageModel if getattr(config, "is_encoder_decoder", False) else LanguageModel
 
 
 def _resolve(path: str | None, base_dir: str | Path | None) -> str | None:

@@ -131,18 +131,24 @@ def stage1_qformer_config(qformer: QFormerConfig, directory: Path, vision: Visio
     set to another value is an error that names it. `text_input`, `lm_head` and `dropout` stay the
     connector's own. The VLM's tower (`vision`, `vision_width` wide) must give the features stage 1
     was trained on."""
-    stage1 = load_stage1_config(directory)
+    return follow_stage1(qformer, load_stage1_config(directory), str(directory), vision, vision_width)
+
+
+def follow_stage1(qformer: QFormerConfig, stage1: Stage1Config, source: str, vision: VisionTowerConfig,
+                  vision_width: int) -> QFormerConfig:
+    """`stage1_qformer_config` for the stage-1 config `stage1`, saved or not; `source` names where it
+    comes from in error messages (a directory, or a stage-1 recipe that would make it)."""
     if stage1.qformer.vision_width != vision_width:
-        raise ValueError(f"connector.init: the stage-1 Q-Former in {directory} reads vision features "
+        raise ValueError(f"connector.init: the stage-1 Q-Former in {source} reads vision features "
                          f"{stage1.qformer.vision_width} wide, but this model's tower ({vision.path}) gives "
                          f"{vision_width}; use the tower stage 1 was trained on ({stage1.vision.path})")
     differing = [f"{name} {getattr(vision, name)!r} (stage 1: {getattr(stage1.vision, name)!r})"
                  for name in VISION_FEATURES if getattr(vision, name) != getattr(stage1.vision, name)]
     if differing:
-        raise ValueError(f"connector.init: the stage-1 Q-Former in {directory} was trained on other vision "
+        raise ValueError(f"connector.init: the stage-1 Q-Former in {source} was trained on other vision "
                          f"features than this model's tower gives: vision.{', vision.'.join(differing)}; "
                          f"set the model's vision config to the stage-1 one")
-    reason = f"the stage-1 Q-Former in {directory}"
+    reason = f"the stage-1 Q-Former in {source}"
     return follow_fields(qformer, "connector.qformer",
                          {name: (getattr(stage1.qformer, name), reason) for name in ARCHITECTURE})
 

@@ -25,6 +25,11 @@ _VISION_CLASSES = {
 _WITH_CLS_TOKEN = ("clip", "clip_vision_model", "blip_2_vision_model", "instructblip_vision_model")
 
 
+def vision_model_class(model_type: str) -> type:
+    """The transformers class that loads a vision model of `model_type` (a dual encoder: its vision half)."""
+    return _VISION_CLASSES.get(model_type, AutoModel)
+
+
 @dataclass
 class VisionTowerConfig:
     path: str = ""  # a local model directory or hub id (CLIP, SigLIP, or any AutoModel vision encoder)
@@ -61,7 +66,7 @@ class VisionTower(nn.Module):
         if not path:
             raise ValueError("vision.path is empty; give a vision model directory or hub id")
         model_type = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type
-        loader = _VISION_CLASSES.get(model_type, AutoModel)
+        loader = vision_model_class(model_type)
         # A dual encoder's text half is expected to go unused: keep its weights out of the load report.
         quiet = model_type in ("clip", "siglip")
         verbosity = hf_logging.get_verbosity()
@@ -71,6 +76,18 @@ class VisionTower(nn.Module):
             model = loader.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
         finally:
             hf_logging.set_verbosity(verbosity)
+        return cls(model, cfg.feature_layer, cfg.select, cfg.post_norm)
+
+    @classmethod
+    def from_config(cls, cfg: VisionTowerConfig, config) -> VisionTower:
+        """The tower `config` (the transformers config of `cfg.path`) describes, freshly initialised and
+        nothing read from disk: the architecture `from_pretrained` would load. Built under
+        `torch.device("meta")`, it allocates no weights (to count parameters)."""
+        loader = vision_model_class(config.model_type)
+        if loader is AutoModel:
+            model = AutoModel.from_config(config)
+        else:  # a dual encoder's config holds its vision half, which is what from_pretrained loads
+            model = loader(getattr(config, "vision_config", config))
         return cls(model, cfg.feature_layer, cfg.select, cfg.post_norm)
 
     @property

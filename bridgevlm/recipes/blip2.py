@@ -77,6 +77,19 @@ def build_pretrainer(recipe: Blip2Stage1Recipe, tokenizer, vision: nn.Module | N
                      vision_width: int) -> QFormerPretrainer:
     """A fresh (or BERT-initialised) Q-Former with its stage-1 heads. The vocabulary is the
     tokenizer's plus [DEC] at id len(tokenizer), which no text token can take."""
+    qformer_cfg, objectives = pretrainer_configs(recipe, tokenizer, vision_width)
+    if recipe.bert:
+        _check_bert_vocabulary(recipe.bert, len(tokenizer))
+        qformer = QFormer.from_bert(recipe.bert, qformer_cfg)
+    else:
+        qformer = QFormer(qformer_cfg)
+    return QFormerPretrainer(vision, qformer, objectives)
+
+
+def pretrainer_configs(recipe: Blip2Stage1Recipe, tokenizer,
+                       vision_width: int) -> tuple[QFormerConfig, Blip2PretrainConfig]:
+    """The recipe's Q-Former and objectives configs with the fields that follow the tokenizer and the
+    tower filled in: the architecture a stage-1 run of `recipe` trains and saves."""
     size = len(tokenizer)
     qformer_cfg = follow_fields(recipe.qformer, "qformer", {
         "vocab_size": (size + 1, f"the tokenizer: {size} tokens + [DEC]"),
@@ -85,12 +98,7 @@ def build_pretrainer(recipe: Blip2Stage1Recipe, tokenizer, vision: nn.Module | N
     objectives = follow_fields(recipe.objectives, "objectives", {
         "dec_token_id": (size, "the tokenizer: [DEC] comes after its last token"),
         "cls_token_id": (tokenizer.bos_token_id, "the tokenizer's first token of every text")})
-    if recipe.bert:
-        _check_bert_vocabulary(recipe.bert, size)
-        qformer = QFormer.from_bert(recipe.bert, qformer_cfg)
-    else:
-        qformer = QFormer(qformer_cfg)
-    return QFormerPretrainer(vision, qformer, objectives)
+    return qformer_cfg, objectives
 
 
 def _check_bert_vocabulary(bert: str, tokenizer_size: int) -> None:

@@ -94,6 +94,9 @@ class GatedAdapterConnector(nn.Module):
     text embeddings. Parameters: `visual.qformer.*`, `visual.language_projection.*`, `adapter.*`,
     the parts a stage can train on their own (trainable.connector_parts)."""
 
+    # Its parts, as stages name them and parameter counts break them down (other connectors: their children).
+    parts = ("visual.qformer", "visual.language_projection", "adapter")
+
     def __init__(self, visual: QFormerConnector, adapter: GatedCrossModalAdapter):
         super().__init__()
         self.visual = visual
