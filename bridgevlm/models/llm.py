@@ -16,6 +16,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from ..data.templates import IGNORE_INDEX
+from .chunked_loss import CHUNK_ROWS, is_plain_linear, linear_cross_entropy
 from .output import LossOutput
 
 
@@ -133,11 +134,29 @@ class LanguageModel(nn.Module):
         return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).logits
 
 
-def supervised_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) -> LossOutput:
+def supervised_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module,
+                       chunk_rows: int = CHUNK_ROWS) -> LossOutput:
     """Next-token cross-entropy summed over supervised positions. hidden [B, T, D], labels [B, T]."""
     targets = labels[:, 1:]
     selected = targets != IGNORE_INDEX  # [B, T-1]
-    return target_loss(lm_head(hidden[:, :-1][selected]), targets[selected])
+    return head_loss(hidden[:, :-1][selected], targets[selected], lm_head, chunk_rows)
+
+
+def head_loss(hidden: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module,
+              chunk_rows: int = CHUNK_ROWS) -> LossOutput:
+    """Cross-entropy of `lm_head(hidden)` summed over N targets, with their token accuracy.
+    hidden [N, D], targets [N].
+
+    A plain nn.Linear head goes through `linear_cross_entropy`, chunk by chunk, so that no [N, V] logits
+    are made. Any other head (peft's LoRA wrapper, a quantised or hooked layer) computes its own logits:
+    reading its weight directly would skip what it adds.
+    """
+    if not is_plain_linear(lm_head):
+        return target_loss(lm_head(hidden), targets)
+    loss_sum, correct = linear_cross_entropy(hidden, lm_head.weight, lm_head.bias, targets, chunk_rows)
+    accuracy = correct.item() / len(targets) if len(targets) else 0.0
+    num_targets = torch.tensor(len(targets), device=targets.device)
+    return LossOutput(loss_sum=loss_sum, num_targets=num_targets, logs={"token_accuracy": accuracy})
 
 
 def target_loss(logits: torch.Tensor, targets: torch.Tensor) -> LossOutput:

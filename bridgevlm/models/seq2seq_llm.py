@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForSeq2SeqLM
+from transformers import AutoModelForSeq2SeqLM, T5ForConditionalGeneration
 
 from ..data.templates import IGNORE_INDEX
-from .llm import set_activation_checkpointing, target_loss
+from .llm import head_loss, set_activation_checkpointing, target_loss
 from .output import LossOutput
 
 
@@ -95,13 +95,29 @@ class Seq2SeqLanguageModel(nn.Module):
         if decoder_ids.shape != labels.shape:
             raise ValueError(f"decoder_input_ids {tuple(decoder_ids.shape)} and labels {tuple(labels.shape)} must "
                              f"have the same shape: label j is the target at decoder position j")
-        # The whole model runs, head included, rather than the decoder and the head apart: families treat
-        # the decoder's output differently (T5 rescales it, BART adds a bias), and targets fill most
-        # decoder positions anyway.
+        selected = labels != IGNORE_INDEX
+        if isinstance(self.model, T5ForConditionalGeneration):
+            # T5 (FlanT5) runs here up to its head, so that the head and the loss go chunk by chunk
+            # (no [N, V] logits) through `head_loss`.
+            hidden = self._t5_head_input(inputs_embeds, batch.get("attention_mask"), decoder_ids,
+                                         batch.get("decoder_attention_mask"))  # [B, S, D]
+            return head_loss(hidden[selected], labels[selected], self.model.get_output_embeddings())
+        # Other families run whole, head included: each treats the decoder's output in its own way
+        # (BART adds a logit bias), which only its own forward knows.
         logits = self.logits_from_embeds(inputs_embeds, batch.get("attention_mask"), decoder_ids,
                                          batch.get("decoder_attention_mask"))  # [B, S, V]
-        selected = labels != IGNORE_INDEX
         return target_loss(logits[selected], labels[selected])
+
+    def _t5_head_input(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
+                       decoder_input_ids: torch.Tensor, decoder_attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """T5ForConditionalGeneration.forward up to its LM head: the decoder's output [B, S, D], rescaled as T5
+        does before the head. No KV cache: the loss has no use for one."""
+        model = self.model
+        encoded = model.encoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+        decoded = model.decoder(input_ids=decoder_input_ids, attention_mask=decoder_attention_mask,
+                                encoder_hidden_states=encoded, encoder_attention_mask=attention_mask,
+                                use_cache=False).last_hidden_state
+        return decoded * model.model_dim ** -0.5 if model.config.scale_decoder_outputs else decoded
 
     def forward(self, batch: dict) -> LossOutput:
         embeds = batch.get("inputs_embeds")

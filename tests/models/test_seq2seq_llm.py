@@ -92,6 +92,22 @@ def test_the_loss_reaches_the_encoder_inputs(llm, tokenizer):
     llm.zero_grad(set_to_none=True)
 
 
+def test_the_chunked_head_gives_transformers_gradients(llm, tokenizer):
+    """The loss runs T5 up to its head and applies the head chunk by chunk: the gradients, to the inputs
+    and to every weight (the head, tied or not, included), are those of HF's own loss."""
+    batch = _batch(tokenizer)
+    embeds = llm.embed(batch["input_ids"]).detach().requires_grad_(True)
+    params = [embeds, *llm.model.parameters()]
+    out = llm.loss_from_embeds(embeds, batch)
+    got = torch.autograd.grad(out.loss_sum, params, allow_unused=True)
+    hf = llm.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
+    expected = torch.autograd.grad(hf.loss * int(out.num_targets), params, allow_unused=True)
+    for g, e in zip(got, expected):
+        assert (g is None) == (e is None)
+        if g is not None:
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5 * e.abs().max().item())
+
+
 def test_a_batch_without_its_decoder_side_is_refused_by_name(llm, tokenizer):
     batch = _batch(tokenizer)
     encoder_only = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
