@@ -46,7 +46,7 @@ from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2QForme
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_preprocess import photos  # noqa: E402
-from common import check, figure, interleaved, machine, setup  # noqa: E402
+from common import check, figure, interleaved, machine, our_step, reference_step, setup  # noqa: E402
 
 from bridgevlm.convert.blip2 import import_blip2  # noqa: E402
 from bridgevlm.data.feature_cache import FeatureCache  # noqa: E402
@@ -128,24 +128,6 @@ def train_qformer_only(model, trainable_prefixes: tuple[str, ...]) -> torch.opti
         p.requires_grad = name.startswith(trainable_prefixes)
     model.train()
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-
-
-def reference_step(model, optimizer, batch: dict) -> float:
-    loss = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
-                 attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.item()
-
-
-def our_step(model, optimizer, batch: dict) -> float:
-    out = model(batch)
-    loss = out.loss_sum / out.num_targets
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.item()
 
 
 def from_cache(batch: dict, cache: FeatureCache) -> dict:

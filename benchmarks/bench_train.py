@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (IMAGE_SIZE, IMAGE_TOKENS, build_pair, check, figure, interleaved, llava_like_samples,  # noqa: E402
-                    machine, matmul_peak_flops, pad_samples, reference_config, setup, shapes_samples,
-                    supervised_tokens)
+                    machine, matmul_peak_flops, our_step, pad_samples, reference_config, reference_step, setup,
+                    shapes_samples, supervised_tokens)
 
 from bridgevlm.data.templates import IGNORE_INDEX  # noqa: E402
 from bridgevlm.train.sampler import LengthGrouping, ResumableSampler  # noqa: E402
@@ -52,23 +52,6 @@ def freeze_vision_train_rest(model, vision_name: str) -> torch.optim.Optimizer:
         p.requires_grad = not name.startswith(vision_name)
     model.train()
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-
-
-def reference_step(model, optimizer, batch: dict) -> float:
-    loss = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values") if k in batch}).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.item()
-
-
-def our_step(model, optimizer, batch: dict) -> float:
-    out = model(batch)
-    loss = out.loss_sum / out.num_targets
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.item()
 
 
 def training_flops(samples: list[dict]) -> float:

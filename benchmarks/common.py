@@ -185,3 +185,22 @@ def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:
 def machine() -> str:
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {THREADS} threads, "
             f"torch {torch.__version__}, {platform.platform()}")
+
+
+def reference_step(model, optimizer, batch: dict) -> float:
+    """One training step as a user of a transformers model takes it: `labels` passed, `.loss` back."""
+    loss = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values") if k in batch}).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def our_step(model, optimizer, batch: dict) -> float:
+    """One training step on bridgevlm's path: the summed loss over supervised tokens, averaged."""
+    out = model(batch)
+    loss = out.loss_sum / out.num_targets
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
