@@ -7,6 +7,8 @@ import torch
 from PIL import Image
 from transformers import AutoModelForCausalLM
 
+from bridgevlm.infer.generate import left_pad
+
 IMAGE = object()  # stands for one image's placeholders in `token_ids`
 
 
@@ -32,3 +34,22 @@ def random_images(count: int, seed: int) -> list[Image.Image]:
 
 def base_llm(parts) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(parts["llm"]).eval()
+
+
+def connector_grads_plain_and_checkpointed(loaded) -> tuple[dict, dict]:
+    """The connector's gradients on a two-row image batch, without and with activation checkpointing
+    (which recomputes each layer's forward during backward, where the in-LLM context must hold again)."""
+    model = loaded.model.train()
+    ids, mask = left_pad([token_ids(loaded, "What colour", IMAGE, "is it? red"), token_ids(loaded, "hi", IMAGE, "ok")], 0)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids, "pixel_values": random_pixels(2)}
+
+    def grads():
+        model.zero_grad()
+        model(batch).loss_sum.backward()
+        return {n: p.grad.clone() for n, p in model.connector.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.llm.set_activation_checkpointing(True)
+    checkpointed = grads()
+    model.llm.set_activation_checkpointing(False)
+    return plain, checkpointed

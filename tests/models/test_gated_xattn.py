@@ -14,7 +14,8 @@ from bridgevlm.models.connectors.gated_xattn import GatedLayer
 from bridgevlm.models.lora import LoraSettings
 from bridgevlm.train.trainability import Trainability, apply_trainability
 
-from in_llm_support import IMAGE, base_llm, random_images, random_pixels, token_ids
+from in_llm_support import (IMAGE, base_llm, connector_grads_plain_and_checkpointed, random_images, random_pixels,
+                            token_ids)
 
 SMALL = {"num_latents": 4, "resampler_layers": 1, "resampler_heads": 2, "resampler_head_dim": 8, "every": 1,
          "heads": 2, "head_dim": 8, "ff_mult": 2}
@@ -128,19 +129,7 @@ def test_trains_exactly_the_resampler_marker_and_blocks(vlm_parts, single_thread
 
 def test_activation_checkpointing_gives_the_same_gradients(vlm_parts, single_thread):
     loaded = _build(vlm_parts, gates=0.5)
-    model = loaded.model.train()
-    ids, mask = left_pad([token_ids(loaded, "What colour", IMAGE, "is it? red"), token_ids(loaded, "hi", IMAGE, "ok")], 0)
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids, "pixel_values": random_pixels(2)}
-
-    def grads():
-        model.zero_grad()
-        model(batch).loss_sum.backward()
-        return {n: p.grad.clone() for n, p in model.connector.named_parameters() if p.grad is not None}
-
-    plain = grads()
-    model.llm.set_activation_checkpointing(True)
-    checkpointed = grads()
-    model.llm.set_activation_checkpointing(False)
+    plain, checkpointed = connector_grads_plain_and_checkpointed(loaded)
     assert plain.keys() == checkpointed.keys() and "resampler.latents" in plain
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6)

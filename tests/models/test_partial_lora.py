@@ -14,7 +14,8 @@ from bridgevlm.models.connectors.partial_lora import PartialLoraLinear
 from bridgevlm.models.lora import LoraSettings
 from bridgevlm.train.trainability import Trainability, apply_trainability
 
-from in_llm_support import IMAGE, base_llm, random_images, random_pixels, token_ids
+from in_llm_support import (IMAGE, base_llm, connector_grads_plain_and_checkpointed, random_images, random_pixels,
+                            token_ids)
 
 
 
@@ -97,19 +98,7 @@ def test_trains_exactly_the_projection_and_the_updates(vlm_parts, single_thread)
 
 def test_activation_checkpointing_recomputes_with_the_same_positions(vlm_parts, single_thread):
     loaded = _build(vlm_parts)
-    model = loaded.model.train()
-    ids, mask = left_pad([token_ids(loaded, "What colour", IMAGE, "is it? red"), token_ids(loaded, "hi", IMAGE, "ok")], 0)
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids, "pixel_values": random_pixels(2)}
-
-    def grads():
-        model.zero_grad()
-        model(batch).loss_sum.backward()
-        return {n: p.grad.clone() for n, p in model.connector.named_parameters() if p.grad is not None}
-
-    plain = grads()
-    model.llm.set_activation_checkpointing(True)
-    checkpointed = grads()
-    model.llm.set_activation_checkpointing(False)
+    plain, checkpointed = connector_grads_plain_and_checkpointed(loaded)
     assert plain.keys() == checkpointed.keys() and any("adapters" in n for n in plain)
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6)
