@@ -100,7 +100,7 @@ class FeatureCache:
             for start in tqdm(range(0, len(items), batch_size), desc="caching vision features", unit="batch",
                               disable=not progress):
                 chunk = items[start:start + batch_size]
-                pixels = processor.normalize(torch.stack([processor.to_uint8(load_image(p)) for p, _ in chunk]))
+                pixels = processor.batch([load_image(p) for p, _ in chunk])
                 features = tower(pixels.to(device)).float().cpu().numpy()  # [B, N, D]
                 if start == 0:
                     write_json(self.directory / META, {"tokens": features.shape[1], "dim": features.shape[2],

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +113,10 @@ class ImageProcessor:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.normalize(self.to_uint8(image))
+
+    def batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Images -> normalised pixels [I, 3, H, W], normalised in one batched pass."""
+        return self.normalize(torch.stack([self.to_uint8(image) for image in images]))
 
 
 def _pad_to_square(image: Image.Image, colour: tuple[int, int, int]) -> Image.Image:

@@ -17,7 +17,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..data.instructions import pad_instructions
+from ..data.instructions import current_instruction, pad_instructions
+from ..data.prefix_lm import encoder_prompt, tokenize_source, tokenize_target
+from ..data.templates import get_template, tokenize_conversation
 
 NORMALISATIONS = ("sum", "mean")
 
@@ -186,8 +188,6 @@ def score_candidates(model: nn.Module, questions: Sequence[CandidateQuestion], b
 def _conversation_continuations(loaded, template, index: int, messages: list[dict],
                                 options: Sequence[str]) -> tuple[list[int], list[list[int]]]:
     """A causal LM's prompt, and each candidate as the template tokenises it as the reply."""
-    from ..data.templates import tokenize_conversation
-
     def encode(extra):
         return tokenize_conversation(loaded.tokenizer, template, list(messages) + extra,
                                      add_generation_prompt=not extra, image_placeholder=loaded.placeholder).input_ids
@@ -206,8 +206,6 @@ def _conversation_continuations(loaded, template, index: int, messages: list[dic
 def _prefix_lm_targets(loaded, template, messages: list[dict],
                        options: Sequence[str]) -> tuple[list[int], list[list[int]]]:
     """An encoder-decoder LM's encoder prompt and each candidate as a decoder target, as training builds both."""
-    from ..data.prefix_lm import encoder_prompt, tokenize_source, tokenize_target
-
     prompt = tokenize_source(loaded.tokenizer, encoder_prompt(messages, template), loaded.placeholder)
     return prompt, [tokenize_target(loaded.tokenizer, option) for option in options]
 
@@ -219,9 +217,6 @@ def rank_answers(loaded, conversations: Sequence[list[dict]], images: Sequence[S
     reply inside the conversation template, with the template's end of turn (causal LLM), or as the
     decoder's target with EOS after the encoder prompt (encoder-decoder LLM). Either way a candidate
     that is a prefix of a longer one is not favoured."""
-    from ..data.instructions import current_instruction
-    from ..data.templates import get_template
-
     if not len(conversations) == len(images) == len(candidates):
         raise ValueError(f"{len(conversations)} conversations, {len(images)} image lists and {len(candidates)} "
                          f"candidate lists; give one of each per question")
@@ -233,8 +228,7 @@ def rank_answers(loaded, conversations: Sequence[list[dict]], images: Sequence[S
             prompt, continuations = _prefix_lm_targets(loaded, template, messages, options)
         else:
             prompt, continuations = _conversation_continuations(loaded, template, index, messages, options)
-        pixels = (loaded.processor.normalize(torch.stack([loaded.processor.to_uint8(i) for i in imgs]))
-                  if imgs else None)
+        pixels = loaded.processor.batch(imgs) if imgs else None
         instruction_ids = ([instructions.encode(current_instruction(messages))] * len(imgs)
                            if instructions is not None and imgs else None)
         questions.append(CandidateQuestion(prompt, continuations, pixels, instruction_ids))

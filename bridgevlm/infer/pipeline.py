@@ -44,7 +44,7 @@ def prepare_prompts(loaded: LoadedVlm, template: ConversationTemplate, conversat
             raise ValueError(f"prompt {index} has {tags} {IMAGE_TAG} tag(s) but {len(imgs)} image(s)")
     ids, mask = left_pad(rows, loaded.tokenizer.pad_token_id)
     flat = [img for imgs in images for img in imgs]
-    pixels = loaded.processor.normalize(torch.stack([loaded.processor.to_uint8(i) for i in flat])) if flat else None
+    pixels = loaded.processor.batch(flat) if flat else None
     batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
     instructions = loaded.instruction_tokenizer() if flat else None
     if instructions is not None:

@@ -169,7 +169,7 @@ def _eval_images(paths: Sequence[Path], cache: FeatureCache | None, processor: I
     """Cached features [I, N, Dv], or normalised pixels [I, 3, H, W] for the model's tower."""
     if cache is not None:
         return torch.stack([cache.get(p) for p in paths])
-    return processor.normalize(torch.stack([processor.to_uint8(load_image(p)) for p in paths]))
+    return processor.batch([load_image(p) for p in paths])
 
 
 # ------------------------------------------------------------------------------------------------
