@@ -29,12 +29,14 @@ class CandidateQuestion:
     """One question: its prompt (images as placeholders; the encoder's input for an encoder-decoder
     model), candidate continuations (decoder targets), and the prompt's images [I, 3, H, W] for a
     vision-language model (None for text), with one Q-Former instruction per image for a connector
-    that reads them (InstructBLIP)."""
+    that reads them (InstructBLIP). `vision_features` [I, N, Dv], the vision tower's output for those
+    images, may stand in for `pixel_values`, so the tower runs once per question, not per candidate."""
 
     prompt_ids: list[int]
     candidate_ids: list[list[int]]
     pixel_values: torch.Tensor | None = None
     instruction_ids: list[list[int]] | None = None
+    vision_features: torch.Tensor | None = None
 
 
 @dataclass
@@ -92,12 +94,12 @@ def _decoder_start(model: nn.Module) -> int:
 
 
 def _logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-            pixel_values: torch.Tensor | None, instructions: dict, decoder: dict) -> torch.Tensor:
+            images: dict, instructions: dict, decoder: dict) -> torch.Tensor:
     """[B, T, V] (decoder positions [B, S, V] with `decoder` inputs) from a VisionLanguageModel (`.logits`)
-    or a plain HF LM."""
+    or a plain HF LM. `images`: pixel_values or vision_features, or nothing."""
     if hasattr(model, "logits") and callable(model.logits):
-        return model.logits(input_ids, attention_mask, pixel_values=pixel_values, **instructions, **decoder)
-    if pixel_values is not None:
+        return model.logits(input_ids, attention_mask, **images, **instructions, **decoder)
+    if images:
         raise ValueError(f"images were given but {type(model).__name__} is a text-only model")
     return model(input_ids=input_ids, attention_mask=attention_mask, **decoder).logits
 
@@ -165,12 +167,15 @@ def score_candidates(model: nn.Module, questions: Sequence[CandidateQuestion], b
         candidates = [questions[q].candidate_ids[c] for q, c in chunk]
         rows = (_causal_rows(prompts, candidates, pad_token_id) if start is None else
                 _seq2seq_rows(prompts, candidates, pad_token_id, start))
-        images = [questions[q].pixel_values for q, _ in chunk if questions[q].pixel_values is not None]
-        pixel_values = torch.cat(images).to(device) if images else None
+        images = {}
+        for name in ("pixel_values", "vision_features"):
+            given = [getattr(questions[q], name) for q, _ in chunk if getattr(questions[q], name) is not None]
+            if given:
+                images[name] = torch.cat(given).to(device)
         per_image = [ids for q, _ in chunk for ids in (questions[q].instruction_ids or [])]
         instructions = ({k: v.to(device) for k, v in pad_instructions(per_image, instruction_pad_token_id).items()}
                         if per_image else {})
-        logits = _logits(model, rows.input_ids.to(device), rows.attention_mask.to(device), pixel_values,
+        logits = _logits(model, rows.input_ids.to(device), rows.attention_mask.to(device), images,
                          instructions, {k: v.to(device) for k, v in rows.decoder.items()})[:, rows.positions].float()
         # log p(target) = logit(target) - logsumexp(logits): no second [B, T, V] tensor.
         targets = rows.targets.to(device).unsqueeze(-1)
@@ -222,16 +227,19 @@ def rank_answers(loaded, conversations: Sequence[list[dict]], images: Sequence[S
                          f"candidate lists; give one of each per question")
     template = template or get_template(loaded.config.template, loaded.tokenizer)
     instructions = loaded.instruction_tokenizer()
+    device = next(loaded.model.parameters()).device
     questions = []
     for index, (messages, imgs, options) in enumerate(zip(conversations, images, candidates)):
         if loaded.model.llm.is_encoder_decoder:
             prompt, continuations = _prefix_lm_targets(loaded, template, messages, options)
         else:
             prompt, continuations = _conversation_continuations(loaded, template, index, messages, options)
-        pixels = loaded.processor.batch(imgs) if imgs else None
+        with torch.no_grad():  # the tower once per question; every candidate row reuses its features
+            features = loaded.model.vision(loaded.processor.batch(imgs).to(device)) if imgs else None
         instruction_ids = ([instructions.encode(current_instruction(messages))] * len(imgs)
                            if instructions is not None and imgs else None)
-        questions.append(CandidateQuestion(prompt, continuations, pixels, instruction_ids))
+        questions.append(CandidateQuestion(prompt, continuations, instruction_ids=instruction_ids,
+                                           vision_features=features))
     ranked = score_candidates(loaded.model.eval(), questions, batch_size, normalisation, loaded.tokenizer.pad_token_id,
                               instructions.pad_token_id if instructions is not None else 0)
     return [options[best] for options, best in zip(candidates, ranked.best)]

@@ -166,11 +166,14 @@ class VisionLanguageModel(nn.Module):
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                pixel_values: torch.Tensor | None = None, qformer_input_ids: torch.Tensor | None = None,
                qformer_attention_mask: torch.Tensor | None = None, decoder_input_ids: torch.Tensor | None = None,
-               decoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+               decoder_attention_mask: torch.Tensor | None = None,
+               vision_features: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token logits at every position [B, T, V] (for scoring and parity checks). With an
         encoder-decoder LLM, `input_ids` is the encoder's input and the logits are those of the
-        decoder positions [B, S, V] given `decoder_input_ids` [B, S]."""
-        embeds, context = self.prepare(input_ids, pixel_values, qformer_input_ids=qformer_input_ids,
+        decoder positions [B, S, V] given `decoder_input_ids` [B, S]. `vision_features` [I, N, Dv] (the
+        tower's output) may stand in for pixel_values."""
+        embeds, context = self.prepare(input_ids, pixel_values, vision_features=vision_features,
+                                       qformer_input_ids=qformer_input_ids,
                                        qformer_attention_mask=qformer_attention_mask)
         with applied(context):
             return self.llm.logits_from_embeds(embeds, attention_mask, decoder_input_ids, decoder_attention_mask)
