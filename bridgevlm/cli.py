@@ -29,6 +29,7 @@ EXAMPLES = """examples:
   bridgevlm train configs/shapes/flamingo.yaml --out runs/flamingo world=runs/quickstart/world
   bridgevlm quickstart --out runs/qs-qformer --bridge qformer --qformer-studies   BLIP-2 + InstructBLIP, ablation
   bridgevlm chat runs/llava --image runs/quickstart/world/images/test/test_000000.png
+  bridgevlm serve runs/llava --port 8000        OpenAI-compatible API at /v1, chat page at /
   bridgevlm export runs/llava --out exported/llava-shapes            (LoRA merged, standalone)
   bridgevlm export runs/llava --out exported/llava-hf --format llava (a transformers Llava directory)
   bridgevlm convert path/to/llava-1.5-7b-hf --out models/llava15     (a transformers Llava, BLIP-2 or InstructBLIP)
@@ -124,6 +125,53 @@ def _add_chat(sub) -> None:
     _add_generation_options(p)
 
 
+SERVE_EXAMPLES = """examples:
+  bridgevlm serve runs/quickstart/llava
+  bridgevlm serve runs/llava --port 8080 --image-root runs/quickstart/world/images --max-batch 16
+then, from Python (pip install openai):
+  from openai import OpenAI
+  client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
+  client.chat.completions.create(model="llava", messages=[{"role": "user", "content": [
+      {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}},
+      {"type": "text", "text": "What colour is the circle?"}]}], temperature=0)
+"""
+
+
+def _add_serve(sub) -> None:
+    from .serve.config import MIB, ServeConfig
+
+    d = ServeConfig()
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API, with a web chat page",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SERVE_EXAMPLES,
+                       description="POST /v1/chat/completions (OpenAI's request and response shapes, streaming as "
+                                   "server-sent events, images as data: URLs), GET /v1/models, GET /health, and a "
+                                   "chat page at /. Concurrent requests are decoded together (continuous batching); "
+                                   "a greedy reply equals the reply the request gets alone. Needs the serve extra: "
+                                   "pip install 'bridgevlm[serve]'. The API has no authentication: keep it on "
+                                   "loopback or behind a proxy that adds it.")
+    p.add_argument("model", type=Path, help="a run directory, a bridgevlm model directory or a HF Llava / BLIP-2 / "
+                                            "InstructBLIP directory")
+    p.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
+    p.add_argument("--port", type=int, default=d.port, help=f"(default {d.port})")
+    p.add_argument("--model-name", default=None, help="the id clients send as `model` (default: the model "
+                                                      "directory's name)")
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help=f"requests decoded together (default {d.max_batch})")
+    p.add_argument("--max-queue", type=int, default=d.max_queue,
+                   help=f"requests that may wait for a slot; beyond that, 503 (default {d.max_queue})")
+    p.add_argument("--timeout", type=float, default=d.request_timeout_s,
+                   help=f"seconds a request may take, queueing included; then 504 (default {d.request_timeout_s:g})")
+    p.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / MIB,
+                   help=f"largest request body in MiB; larger gets 413 (default {d.max_body_bytes / MIB:g})")
+    p.add_argument("--max-image-mb", type=float, default=d.max_image_bytes / MIB,
+                   help=f"largest encoded image in MiB (default {d.max_image_bytes / MIB:g})")
+    p.add_argument("--max-tokens", type=int, default=d.default_max_tokens,
+                   help=f"max_tokens when a request gives none (default {d.default_max_tokens})")
+    p.add_argument("--image-root", type=Path, default=None,
+                   help="allow image URLs that are file paths, only under this directory (default: none allowed)")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="fetch http(s) image URLs (default: refused; clients send data: URLs)")
+
+
 def _add_generation_options(p) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -175,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build vision-language models: a frozen vision encoder and a frozen LLM joined by a small trained bridge.")
     parser.add_argument("--version", action="version", version=f"bridgevlm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_quickstart, _add_world, _add_train, _add_eval, _add_chat, _add_export, _add_convert,
+    for add in (_add_quickstart, _add_world, _add_train, _add_eval, _add_chat, _add_serve, _add_export, _add_convert,
                 _add_params):
         add(sub)
     return parser
@@ -301,6 +349,27 @@ def _chat(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from .serve.config import MIB, ServeConfig
+
+    try:
+        from .serve.server import run_server
+        import fastapi, uvicorn  # noqa: F401  (checked here for a clear message)
+    except ImportError:
+        print("bridgevlm serve: error: serving needs FastAPI and uvicorn: pip install 'bridgevlm[serve]'",
+              file=sys.stderr)
+        return 2
+    cfg = ServeConfig(host=args.host, port=args.port, model_name=args.model_name, max_batch=args.max_batch,
+                      max_queue=args.max_queue, request_timeout_s=args.timeout,
+                      max_body_bytes=int(args.max_body_mb * MIB), max_image_bytes=int(args.max_image_mb * MIB),
+                      default_max_tokens=args.max_tokens,
+                      local_image_root=str(args.image_root) if args.image_root else None,
+                      allow_remote_images=args.allow_remote_images)
+    cfg.check()
+    run_server(args.model, cfg)
+    return 0
+
+
 def _export(args) -> int:
     from .loading import find_model_dir
     from .models.assemble import export_vlm, load_vlm
@@ -341,7 +410,7 @@ def _params(args) -> int:
     return 0
 
 
-COMMANDS = {"world": _world, "train": _train, "eval": _eval, "quickstart": _quickstart, "chat": _chat,
+COMMANDS = {"world": _world, "train": _train, "eval": _eval, "quickstart": _quickstart, "chat": _chat, "serve": _serve,
             "export": _export, "convert": _convert, "params": _params}
 
 if __name__ == "__main__":

@@ -106,13 +106,12 @@ def run_quickstart(options: QuickstartOptions) -> dict:
     # 4. The bridges: LLaVA aligns an MLP on captions, then instruction-tunes on the held-in families;
     #    the Q-Former learns to read the tower (BLIP-2 stage 1), then generates and follows instructions.
     lines = summary(clip_metrics, lm_metrics)
-    test_image = world_dir / "images/test/test_000000.png"
     if "llava" in options.bridges:
         recipe = load_vlm_recipe(options.llava_recipe, backbones, world_dir, options.budget)
         result, llava = _train_bridge(options, report, out, recipe, options.llava_recipe, "LLaVA", "llava",
                                       "LLaVA-1.5 recipe on the backbones: test-scene accuracy per family")
         lines += "\n" + vlm_summary("LLaVA", llava)
-        lines += f"\n\nTry it:  bridgevlm chat {result['model']} --image {test_image}"
+        lines += _try_it(result["model"], world_dir)
     if "qformer" in options.bridges:
         lines += "\n" + _run_qformer(options, report, out, backbones, world_dir)
     report.add_timing("total", time.time() - started)
@@ -176,7 +175,13 @@ def _run_qformer(options: QuickstartOptions, report: Report, out: Path, backbone
             f"ITC+ITM {retrieval.get('itm_recall_at_1', float('nan')):.3f}\n"
             + vlm_summary("InstructBLIP", instructblip)
             + lines
-            + f"\n\nTry it:  bridgevlm chat {result['model']} --image {world_dir / 'images/test/test_000000.png'}")
+            + _try_it(result["model"], world_dir))
+
+
+def _try_it(model: str | Path, world_dir: Path) -> str:
+    return (f"\n\nTry it:  bridgevlm chat {model} --image {world_dir / 'images/test/test_000000.png'}"
+            f"\n   or:  bridgevlm serve {model} --image-root {world_dir / 'images'}   (a chat page at "
+            f"http://127.0.0.1:8000/, an OpenAI-compatible API at /v1)")
 
 
 def _qformer_studies(options: QuickstartOptions, report: Report, out: Path, base: VlmRecipe, base_flat: dict) -> str:

@@ -193,6 +193,30 @@ def vlm_parts(tokenizer, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def saved_vlm(vlm_parts, tmp_path_factory):
+    """A saved tiny VLM (`vlm_parts`, mlp2x_gelu) with decisive logits, and three one-colour images:
+    (model directory, [red.png, blue.png, green.png])."""
+    import torch
+    from PIL import Image
+
+    from bridgevlm.config import from_dict
+    from bridgevlm.models.assemble import VlmConfig, build_vlm, save_vlm
+
+    torch.manual_seed(0)
+    loaded = build_vlm(from_dict(VlmConfig, vlm_parts))
+    with torch.no_grad():  # decisive logits: a random tiny LM is otherwise nearly uniform
+        loaded.model.llm.model.lm_head.weight.mul_(30)
+        loaded.model.connector.layers[2].weight.mul_(30)
+    out = tmp_path_factory.mktemp("vlm") / "model"
+    save_vlm(loaded, out)
+    images = []
+    for colour in ("red", "blue", "green"):
+        images.append(out.parent / f"{colour}.png")
+        Image.new("RGB", (50, 40), colour).save(images[-1])
+    return out, images
+
+
+@pytest.fixture(scope="session")
 def opt_parts(vlm_parts, tokenizer, tmp_path_factory):
     """`vlm_parts` with a tiny OPT (learned positions, biased Linears, an FFN that flattens its input) in
     place of the Llama."""

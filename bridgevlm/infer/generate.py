@@ -5,7 +5,7 @@ one-at-a-time runs.
 Starting from embeddings (not ids) is what lets the same loop serve a text-only LLM and a
 vision-language model whose prompt holds spliced visual tokens. An encoder-decoder LM (FlanT5) reads
 the prompt embeddings with its encoder, once; the decoding loops see only a decoder that steps
-token by token, the same for both kinds (`_open_decoder`). A causal LM's new tokens enter by id, or
+token by token, the same for both kinds (`open_decoder`). A causal LM's new tokens enter by id, or
 through `embed_tokens` (ids [B, 1] -> [B, 1, D]) when its input embeddings are transformed before it
 reads them (CROME's text branch), so each new token is embedded as the prompt's tokens were.
 
@@ -183,7 +183,7 @@ class _Seq2SeqDecoder:
         self.mask = self.mask[rows]
 
 
-def _open_decoder(model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, repeat: int = 1,
+def open_decoder(model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, repeat: int = 1,
                   max_length: int | None = None, embed_tokens=None, context=None):
     """The decoding state for `model`'s kind: a causal LM or an encoder-decoder one."""
     if getattr(model.config, "is_encoder_decoder", False):
@@ -215,26 +215,35 @@ def _filter_logits(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
     return logits
 
 
+def sampling_generator(cfg: GenerationConfig, device) -> torch.Generator | None:
+    """The generator a sampled generation draws from: seeded by `cfg.seed`, else None (torch's global one)."""
+    if cfg.do_sample and cfg.seed is not None:
+        return torch.Generator(device=device).manual_seed(cfg.seed)
+    return None
+
+
+def next_tokens(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits [B, V] -> the next token of every row [B]: argmax, or a draw after temperature / top-k / top-p."""
+    if not cfg.do_sample:
+        return logits.argmax(-1)
+    probs = _filter_logits(logits, cfg).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
 def stream_tokens(model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, cfg: GenerationConfig,
                   eos_token_id: int | None, embed_tokens=None, context=None) -> Iterator[torch.Tensor]:
     """Greedy or sampled decoding; yields the next token of every row [B] at each step, until every
     row has produced EOS or max_new_tokens. Rows that finished keep receiving EOS. `embed_tokens`,
     `context`: see the module docstring."""
     cfg.check()
-    generator = None
-    if cfg.do_sample and cfg.seed is not None:
-        generator = torch.Generator(device=inputs_embeds.device).manual_seed(cfg.seed)
-    decoder = _open_decoder(model, inputs_embeds, attention_mask,
+    generator = sampling_generator(cfg, inputs_embeds.device)
+    decoder = open_decoder(model, inputs_embeds, attention_mask,
                             max_length=inputs_embeds.shape[1] + cfg.max_new_tokens, embed_tokens=embed_tokens,
                             context=context)
     logits = decoder.logits
     finished = torch.zeros(inputs_embeds.shape[0], dtype=torch.bool, device=inputs_embeds.device)
     for step in range(cfg.max_new_tokens):
-        if cfg.do_sample:
-            probs = _filter_logits(logits, cfg).softmax(-1)
-            ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        else:
-            ids = logits.argmax(-1)
+        ids = next_tokens(logits, cfg, generator)
         if eos_token_id is not None:
             ids = ids.masked_fill(finished, eos_token_id)
             finished |= ids == eos_token_id
@@ -251,7 +260,7 @@ def _beam_search(model, inputs_embeds, attention_mask, cfg: GenerationConfig, eo
     A row stops once it holds num_beams finished hypotheses and no running beam can still beat the
     worst of them (the usual heuristic for a length penalty > 0)."""
     batch, beams = inputs_embeds.shape[0], cfg.num_beams
-    decoder = _open_decoder(model, inputs_embeds, attention_mask, repeat=beams, embed_tokens=embed_tokens,
+    decoder = open_decoder(model, inputs_embeds, attention_mask, repeat=beams, embed_tokens=embed_tokens,
                             context=context)
     device = inputs_embeds.device
     scores = torch.full((batch, beams), float("-inf"), device=device)

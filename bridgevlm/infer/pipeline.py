@@ -17,7 +17,8 @@ from ..data.instructions import current_instruction, pad_instructions
 from ..data.prefix_lm import encoder_prompt, tokenize_source
 from ..data.templates import IMAGE_TAG, ConversationTemplate, get_template, tokenize_conversation
 from ..models.assemble import LoadedVlm
-from .generate import GenerationConfig, cut_at_stop, generate, left_pad, stream_tokens
+from .generate import GenerationConfig, generate, left_pad, stream_tokens
+from .reply_text import ReplyText
 
 
 def prompt_ids(loaded: LoadedVlm, template: ConversationTemplate, messages: list[dict]) -> list[int]:
@@ -54,8 +55,29 @@ def prepare_prompts(loaded: LoadedVlm, template: ConversationTemplate, conversat
     return batch
 
 
-def _instruction_inputs(batch: dict, device) -> dict:
-    return {key: batch[key].to(device) for key in ("qformer_input_ids", "qformer_attention_mask") if key in batch}
+@dataclass
+class EmbeddedPrompts:
+    """Prompts as the LLM reads them: embeddings [B, T, D] (visual tokens spliced in), mask [B, T], and
+    the in-LLM connector's context (None for an input-level connector)."""
+
+    embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    context: object | None
+    lengths: list[int]  # each prompt's tokens, visual tokens included
+
+
+@torch.no_grad()
+def embed_prompts(loaded: LoadedVlm, template: ConversationTemplate, conversations: Sequence[list[dict]],
+                  images: Sequence[Sequence[Image.Image]]) -> EmbeddedPrompts:
+    """Conversations ending with a user turn (and their images) -> what generation starts from."""
+    batch = prepare_prompts(loaded, template, conversations, images)
+    model = loaded.model.eval()
+    device = next(model.parameters()).device
+    pixels = batch["pixel_values"].to(device) if batch["pixel_values"] is not None else None
+    instructions = {key: batch[key].to(device) for key in ("qformer_input_ids", "qformer_attention_mask") if key in batch}
+    embeds, context = model.prepare(batch["input_ids"].to(device), pixels, **instructions)
+    mask = batch["attention_mask"].to(device)
+    return EmbeddedPrompts(embeds, mask, context, mask.sum(-1).tolist())
 
 
 @torch.no_grad()
@@ -65,16 +87,12 @@ def answer(loaded: LoadedVlm, conversations: Sequence[list[dict]], images: Seque
     """Replies to each conversation (batched with left padding; equal to one-at-a-time replies)."""
     cfg = cfg or GenerationConfig()
     template = template or get_template(loaded.config.template, loaded.tokenizer)
-    model = loaded.model.eval()
-    device = next(model.parameters()).device
+    model = loaded.model
     replies: list[str] = []
     for start in range(0, len(conversations), batch_size):
-        batch = prepare_prompts(loaded, template, conversations[start:start + batch_size], images[start:start + batch_size])
-        pixels = batch["pixel_values"].to(device) if batch["pixel_values"] is not None else None
-        embeds, context = model.prepare(batch["input_ids"].to(device), pixels, **_instruction_inputs(batch, device))
-        out = generate(model.llm.model, embeds, batch["attention_mask"].to(device), cfg,
-                       loaded.tokenizer.eos_token_id, loaded.tokenizer, embed_tokens=model.text_embedder,
-                       context=context)
+        prompts = embed_prompts(loaded, template, conversations[start:start + batch_size], images[start:start + batch_size])
+        out = generate(model.llm.model, prompts.embeds, prompts.attention_mask, cfg, loaded.tokenizer.eos_token_id,
+                       loaded.tokenizer, embed_tokens=model.text_embedder, context=prompts.context)
         replies += [t.strip() for t in out.texts]
     return replies
 
@@ -106,29 +124,23 @@ class Chat:
         messages = self.messages + [{"from": "human", "value": text}]
         images = [self.image] if self.image is not None and IMAGE_TAG in messages[0]["value"] else []
         loaded, template = self.loaded, self.template or get_template(self.loaded.config.template, self.loaded.tokenizer)
-        batch = prepare_prompts(loaded, template, [messages], [images])
-        model = loaded.model.eval()
-        embeds, context = model.prepare(batch["input_ids"], batch["pixel_values"],
-                                        **_instruction_inputs(batch, batch["input_ids"].device))
-        tokens: list[int] = []
-        shown = ""
-        tokenizer = loaded.tokenizer
-        for ids in stream_tokens(model.llm.model, embeds, batch["attention_mask"], self.cfg, tokenizer.eos_token_id,
-                                 embed_tokens=model.text_embedder, context=context):
+        prompts = embed_prompts(loaded, template, [messages], [images])
+        model, tokenizer = loaded.model, loaded.tokenizer
+        reply = ReplyText(tokenizer, self.cfg.stop)
+        for ids in stream_tokens(model.llm.model, prompts.embeds, prompts.attention_mask, self.cfg,
+                                 tokenizer.eos_token_id, embed_tokens=model.text_embedder, context=prompts.context):
             token = int(ids[0])
             if token == tokenizer.eos_token_id:
                 break
-            tokens.append(token)
-            # lstrip: templates put a space between the role marker and the reply
-            text_so_far, stopped = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True).lstrip(), self.cfg.stop)
-            if text_so_far.endswith("\ufffd") and not stopped:  # half of a multi-byte character: wait for the rest
-                continue
-            if len(text_so_far) > len(shown):
-                yield text_so_far[len(shown):]
-                shown = text_so_far
-            if stopped:
+            piece = reply.push(token)
+            if piece:
+                yield piece
+            if reply.stopped:
                 break
-        self.messages = messages + [{"from": "gpt", "value": shown.strip()}]
+        rest = reply.finish()
+        if rest:
+            yield rest
+        self.messages = messages + [{"from": "gpt", "value": reply.shown.strip()}]
 
 
 def chat(loaded: LoadedVlm, image: Image.Image | None, text: str, **generation) -> str:

@@ -18,23 +18,12 @@ from bridgevlm.infer.generate import GenerationConfig
 from bridgevlm.data.templates import get_template
 from bridgevlm.infer.pipeline import Chat, answer, prepare_prompts
 from bridgevlm.infer.terminal import run_terminal_chat
-from bridgevlm.models.assemble import VlmConfig, build_vlm, save_vlm
+from bridgevlm.models.assemble import VlmConfig, build_vlm
 
 
-@pytest.fixture(scope="module")
-def saved_vlm(vlm_parts, tmp_path_factory, single_thread):
-    torch.manual_seed(0)
-    loaded = build_vlm(from_dict(VlmConfig, vlm_parts))
-    with torch.no_grad():  # decisive logits: a random tiny LM is otherwise nearly uniform
-        loaded.model.llm.model.lm_head.weight.mul_(30)
-        loaded.model.connector.layers[2].weight.mul_(30)
-    out = tmp_path_factory.mktemp("vlm") / "model"
-    save_vlm(loaded, out)
-    images = []
-    for colour in ("red", "blue", "green"):
-        images.append(out.parent / f"{colour}.png")
-        Image.new("RGB", (50, 40), colour).save(images[-1])
-    return out, images
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(single_thread):
+    yield
 
 
 def _questions(images):

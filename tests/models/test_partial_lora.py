@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from bridgevlm.config import from_dict
-from bridgevlm.infer.generate import GenerationConfig, _open_decoder, left_pad
+from bridgevlm.infer.generate import GenerationConfig, open_decoder, left_pad
 from bridgevlm.infer.pipeline import answer
 from bridgevlm.models.assemble import VlmConfig, build_vlm, export_vlm, load_vlm, save_vlm
 from bridgevlm.models.connectors.partial_lora import PartialLoraLinear
@@ -121,7 +121,7 @@ def test_batched_generation_equals_one_at_a_time_and_the_cached_decoding(parts):
     pixels = random_pixels(1, seed=3)
     full = model.logits(torch.cat([ids, torch.tensor([new])], 1), None, pixels)[0, ids.shape[1]:]
     embeds, context = model.prepare(ids, pixels)
-    decoder = _open_decoder(model.llm.model, embeds, torch.ones_like(ids), context=context)
+    decoder = open_decoder(model.llm.model, embeds, torch.ones_like(ids), context=context)
     torch.testing.assert_close(torch.stack([decoder.step(torch.tensor([t]))[0] for t in new]), full)
 
 

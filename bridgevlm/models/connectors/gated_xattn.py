@@ -66,6 +66,23 @@ class ImageLatents:
     def select(self, rows: torch.Tensor) -> ImageLatents:
         return replace(self, image_slot=self.image_slot[rows], media=None if self.media is None else self.media[rows])
 
+    @classmethod
+    def join(cls, contexts: list[ImageLatents]) -> ImageLatents:
+        """The rows of these contexts (equally wide) in one batch; a row reads only its own images, so rows
+        with fewer images are padded with unread zero latents."""
+        image_slot = torch.cat([c.image_slot for c in contexts])
+        present = [c.media for c in contexts if c.media is not None]
+        if not present:
+            return replace(contexts[0], image_slot=image_slot, media=None)
+        most = max(m.shape[1] for m in present)
+        _, _, latents, dim = present[0].shape
+        media = []
+        for c in contexts:
+            rows = c.image_slot.shape[0]
+            m = c.media if c.media is not None else present[0].new_zeros(rows, 0, latents, dim)
+            media.append(torch.cat([m, m.new_zeros(rows, most - m.shape[1], latents, dim)], dim=1))
+        return replace(contexts[0], image_slot=image_slot, media=torch.cat(media))
+
 
 class MaskedCrossAttention(nn.Module):
     """y [B, T, D] reads, at each position, the latents of the image `image_slot` [B, T] names in its row

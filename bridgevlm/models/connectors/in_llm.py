@@ -8,7 +8,8 @@ object from the batch's placeholder mask and vision features, and the wrappers r
 that batch (`context.applied()`), so a call without one (a text-only use of the LLM) sees none.
 
 A context also knows how to follow a decoding with a KV cache: `decoding()` is the context of one
-new text token per row, `select(rows)` follows the rows as beams repeat and reorder.
+new text token per row, `select(rows)` follows the rows as beams repeat and reorder, and `join`
+puts the decoding contexts of separately read prompts into one batch.
 """
 from __future__ import annotations
 
@@ -31,6 +32,10 @@ class LlmContext(Protocol):
 
     def select(self, rows: torch.Tensor) -> LlmContext:
         """The context of these rows of the batch, in this order (beams repeat and reorder rows)."""
+
+    @classmethod
+    def join(cls, contexts: list[LlmContext]) -> LlmContext:
+        """Decoding contexts of separate batches as one batch, their rows in order (continuous batching)."""
 
 
 class ContextSlot:

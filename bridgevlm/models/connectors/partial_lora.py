@@ -88,6 +88,12 @@ class VisualPositions:
             return replace(self, shape=(len(rows), self.shape[1]))
         return VisualPositions.of(self.slot, self.mask[rows])
 
+    @classmethod
+    def join(cls, contexts: list[VisualPositions]) -> VisualPositions:
+        if any(c.index is not None for c in contexts):
+            raise ValueError("only decoding contexts (text tokens only) join into one batch")
+        return cls(contexts[0].slot, (sum(c.shape[0] for c in contexts), contexts[0].shape[1]), None)
+
 
 class PartialLoraLinear(nn.Module):
     """A frozen Linear plus its low-rank update at the visual positions of the current context.
