@@ -29,10 +29,11 @@ from ..data.templates import ConversationTemplate, get_template
 from ..infer.generate import GenerationConfig, next_tokens, open_decoder, sampling_generator
 from ..infer.pipeline import embed_prompts, prompt_ids
 from ..infer.reply_text import ReplyText
-from ..infer.running_batch import can_join, join, keep
+from ..infer.running_batch import can_join, has_room, join, keep, with_room
 from ..models.assemble import LoadedVlm
 
 log = logging.getLogger("bridgevlm.serve")
+ROOM_CHUNK = 64  # cache columns a batch is laid out with beyond what it holds
 
 
 class EngineBusy(RuntimeError):
@@ -238,12 +239,21 @@ class GenerationEngine:
         if self._advance(row, decoder.logits):
             return
         self._rows.append(row)
-        self._decoder = decoder if self._decoder is None else join([self._decoder, decoder])
+        joining = [decoder] if self._decoder is None else [self._decoder, decoder]
+        self._decoder = join(joining, self._room()) if self.batches else decoder
         self.peak_batch = max(self.peak_batch, len(self._rows))
+
+    def _room(self) -> int:
+        """Free cache columns to lay a batch out with: enough for every row to finish, up to a chunk (a
+        buffer much longer than needed costs attention over its masked columns at every step)."""
+        left = max(row.request.cfg.max_new_tokens - row.generated for row in self._rows)
+        return max(1, min(left, ROOM_CHUNK))
 
     def _step(self) -> None:
         ids = torch.tensor([row.pending for row in self._rows], device=self._decoder.logits.device)
         try:
+            if self.batches and not has_room(self._decoder):
+                self._decoder = with_room(self._decoder, self._room())
             logits = self._decoder.step(ids)
         except Exception as error:
             log.exception("a decoding step failed; failing its %d request(s)", len(self._rows))
@@ -254,7 +264,7 @@ class GenerationEngine:
         going_on = [index for index, row in enumerate(self._rows) if not self._advance(row, logits[index:index + 1])]
         if len(going_on) < len(self._rows):
             self._rows = [self._rows[index] for index in going_on]
-            self._decoder = keep(self._decoder, going_on) if going_on else None
+            self._decoder = keep(self._decoder, going_on, self._room()) if going_on else None
 
     def _advance(self, row: _Row, logits: torch.Tensor) -> bool:
         """Pick the row's next token from its logits [1, V] and report it; True when the row is finished."""
