@@ -1,4 +1,4 @@
-"""CROME through the `vlm` recipe: the three Shapes stages on a tiny world (each trains the part of the
+"""CROME through the `vlm` recipe: the four Shapes stages on a tiny world (each trains the part of the
 connector it names, the adapter-only stage saves only the adapter), the whole-bridge variant of the
 last stage, and the Shapes and paper recipe files."""
 from __future__ import annotations
@@ -25,6 +25,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 3  # the adapter's W_u starts at zero and the warm-up's first lr is 0: W_d, W_g learn from step 3
 BOTTLENECK = 4
+STAGES = ("01_generative", "02_pretrain", "03_instruct", "04_task")
 
 
 def _tiny_recipes(directory: Path, qformer_parts: dict, world: Path) -> tuple[Path, Path]:
@@ -52,54 +53,55 @@ def _moved(before: dict, after: dict) -> set[str]:
     return {name for name in before if not torch.equal(before[name], after[name])}
 
 
-def test_the_three_crome_stages_train_what_they_name_and_the_last_saves_only_the_adapter(
+def test_the_crome_stages_train_what_they_name_and_the_last_saves_only_the_adapter(
         qformer_parts, stage1_run, shapes_world, tmp_path):
     crome, variant = _tiny_recipes(tmp_path, qformer_parts, shapes_world)
     result = run_recipe_file(crome, [], tmp_path / "run", progress=False)
     run = tmp_path / "run"
     seed_everything(0)  # as run_vlm does before building the first stage's model
     start = dict(build_vlm(load_recipe(crome)[1].model).model.named_parameters())
-    pretrain, instruct, task = (_params(run / f"{name}/model") for name in ("01_pretrain", "02_instruct", "03_task"))
+    generative, pretrain, instruct, task = (_params(run / f"{name}/model") for name in STAGES)
     connector = {name for name in pretrain if name.startswith("connector.")}
     adapter = {name for name in connector if name.startswith("connector.adapter.")}
     projection = {name for name in connector if name.startswith("connector.visual.language_projection.")}
+    qformer = {name for name in connector if name.startswith("connector.visual.qformer.")}
     assert len(adapter) == 5 and len(projection) == 2
 
-    # (a) the Q-Former is still stage 1's; the projection and the adapter trained
+    # The Q-Former starts as stage 1 left it; (0) trains it and the projection, the adapter stays the identity
     stage1 = load_stage1_qformer(stage1_run / "model").state_dict()
-    qformer = {name.removeprefix("connector.visual.qformer."): p for name, p in pretrain.items()
-               if name.startswith("connector.visual.qformer.")}
-    assert all(torch.equal(p, stage1[name]) for name, p in qformer.items())
-    assert _moved(start, pretrain) == adapter | projection
+    assert all(torch.equal(start[name], stage1[name.removeprefix("connector.visual.qformer.")]) for name in qformer)
+    moved = _moved(start, generative)
+    assert moved <= qformer | projection and moved & qformer and projection <= moved
+    # (a) the projection and the adapter train; the Q-Former stays as (0) left it
+    assert _moved(generative, pretrain) == adapter | projection
     # (b) the whole bridge trains, Q-Former included; (c) the adapter alone, everything else bit-identical
     assert any(name.startswith("connector.visual.qformer.") for name in _moved(pretrain, instruct))
     assert _moved(pretrain, instruct) <= connector
     assert _moved(instruct, task) == adapter
-    saved = load_file(run / "03_task/model/weights.safetensors")
+    saved = load_file(run / "04_task/model/weights.safetensors")
     assert set(saved) == adapter
-    assert yaml.safe_load((run / "03_task/model/vlm.yaml").read_text())["base"] == "../../02_instruct/model"
+    assert yaml.safe_load((run / "04_task/model/vlm.yaml").read_text())["base"] == "../../03_instruct/model"
 
-    summaries = [json.loads((run / f"{name}/summary.json").read_text())
-                 for name in ("01_pretrain", "02_instruct", "03_task")]
+    summaries = [json.loads((run / f"{name}/summary.json").read_text()) for name in STAGES]
     sizes = [s["trainable_parameters"] for s in summaries]
 
     def count(names: set[str]) -> int:
         return sum(pretrain[name].numel() for name in names)
 
-    assert sizes == [count(adapter | projection), count(connector), count(adapter)]
-    assert sizes[2] == adapter_parameter_count(32, BOTTLENECK)  # the tiny LLM is 32 wide
+    assert sizes == [count(qformer | projection), count(adapter | projection), count(connector), count(adapter)]
+    assert sizes[3] == adapter_parameter_count(32, BOTTLENECK)  # the tiny LLM is 32 wide
     metrics = json.loads((run / "metrics.json").read_text())
-    assert 0.0 <= metrics["vqa"]["held_in"]["position"] <= 1.0 and result["model"].endswith("03_task/model")
+    assert 0.0 <= metrics["vqa"]["held_in"]["position"] <= 1.0 and result["model"].endswith("04_task/model")
 
-    # The comparison: stage (c) fine-tunes the whole bridge instead, from the same two stages.
+    # The comparison: stage (c) fine-tunes the whole bridge instead, from the same three stages.
     other = tmp_path / "bridge"
     other.mkdir()
-    for name in ("01_pretrain", "02_instruct"):  # finished stages are skipped
+    for name in STAGES[:3]:  # finished stages are skipped
         shutil.copytree(run / name, other / name)
     run_recipe_file(variant, [], other, progress=False)
-    assert json.loads((other / "03_task/summary.json").read_text())["trainable_parameters"] == count(connector)
-    assert set(load_file(other / "03_task/model/weights.safetensors")) == connector
-    assert "base" not in yaml.safe_load((other / "03_task/model/vlm.yaml").read_text())
+    assert json.loads((other / "04_task/summary.json").read_text())["trainable_parameters"] == count(connector)
+    assert set(load_file(other / "04_task/model/weights.safetensors")) == connector
+    assert "base" not in yaml.safe_load((other / "04_task/model/vlm.yaml").read_text())
     assert "position" in json.loads((other / "metrics.json").read_text())["vqa"]["held_in"]
 
 
@@ -113,21 +115,23 @@ def test_the_shapes_crome_recipe_and_its_whole_bridge_variant_parse():
     connector = crome.model.connector
     assert task == "vlm" and connector.kind == "gated_adapter" and connector.init and connector.qformer.text_input
     assert (connector.adapter.bottleneck, connector.adapter.activation) == (32, "silu")
-    assert [(s.name, s.init) for s in crome.stages] == [("pretrain", "base"), ("instruct", "previous"),
-                                                        ("task", "previous")]
+    assert [(s.name, s.init) for s in crome.stages] == [("generative", "base"), ("pretrain", "previous"),
+                                                        ("instruct", "previous"), ("task", "previous")]
     assert [_trains(s) for s in crome.stages] == [
+        ("frozen", "full", "frozen", ["visual.qformer", "visual.language_projection"]),
         ("frozen", "full", "frozen", ["visual.language_projection", "adapter"]),
         ("frozen", "full", "frozen", []),
         ("frozen", "full", "frozen", ["adapter"])]
-    pretrain, instruct, finetune = crome.stages
-    assert pretrain.data.path == "{world}/captions/train.json" and pretrain.data.template == "plain"
+    generative, pretrain, instruct, finetune = crome.stages
+    for captions in (generative, pretrain):
+        assert captions.data.path == "{world}/captions/train.json" and captions.data.template == "plain"
     assert [s.path for s in instruct.data.sources] == [f"{{world}}/tasks/{f}/train.json" for f in HELD_IN]
     assert instruct.train.batch_size == 16 and finetune.data.path == "{world}/tasks/position/train.json"
     assert all(s.cache_vision_features for s in crome.stages) and crome.eval.rank_candidates
 
     task, bridge = load_recipe(REPO / "configs/shapes/crome_bridge_finetune.yaml", ["world=w"])
-    assert _trains(bridge.stages[2]) == ("frozen", "full", "frozen", [])
-    bridge.stages[2].trainable.connector_parts = ["adapter"]
+    assert _trains(bridge.stages[3]) == ("frozen", "full", "frozen", [])
+    bridge.stages[3].trainable.connector_parts = ["adapter"]
     assert to_dict(bridge) == to_dict(crome)  # otherwise the same recipe
 
 
