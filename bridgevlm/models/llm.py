@@ -51,6 +51,36 @@ def build_tiny_llama(cfg: TinyLlamaConfig, tokenizer) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
+def grow_layers(model: nn.Module, count: int) -> nn.Module:
+    """Append `count` decoder layers to a Llama-family causal LM, in place, keeping its function.
+
+    Each new layer gets the model's usual random init except its attention output projection and
+    MLP down projection, which are zero: both residual branches then add nothing, so the grown model
+    computes exactly what it did, and training opens the branches (their gradients are not zero).
+    """
+    if count <= 0:
+        return model
+    layers, config = model.base_model.layers, model.config
+    reference = layers[0]
+    if not (hasattr(reference, "self_attn") and hasattr(reference.self_attn, "o_proj")
+            and hasattr(reference, "mlp") and hasattr(reference.mlp, "down_proj")):
+        raise ValueError(f"grow_layers needs Llama-style decoder layers (self_attn.o_proj, mlp.down_proj); "
+                         f"{type(model).__name__} has {type(reference).__name__}")
+    parameter = next(reference.parameters())
+    for _ in range(count):
+        layer = type(reference)(config, layer_idx=len(layers))  # layer_idx: its slot in the KV cache
+        layer.apply(model._init_weights)
+        for projection in (layer.self_attn.o_proj, layer.mlp.down_proj):
+            for tensor in (projection.weight, projection.bias):
+                if tensor is not None:
+                    nn.init.zeros_(tensor)
+        layers.append(layer.to(device=parameter.device, dtype=parameter.dtype))
+    if getattr(config, "layer_types", None) is not None:  # per-layer attention kinds (sliding/full) follow the last
+        config.layer_types = list(config.layer_types) + [config.layer_types[-1]] * count
+    config.num_hidden_layers = len(layers)  # the forward pass and the KV cache size read it
+    return model
+
+
 class LanguageModelProtocol(Protocol):
     model: nn.Module  # the Hugging Face model
     is_encoder_decoder: bool

@@ -25,7 +25,7 @@ from ..data.templates import IGNORE_INDEX, get_template, tokenize_conversation
 from ..data.conversations import ConversationDataset, PadCollator
 from ..eval.text_qa import evaluate_text_qa, prompt_messages, scene_descriptions
 from ..io import write_json
-from ..models.llm import LanguageModel, TinyLlamaConfig, build_tiny_llama
+from ..models.llm import LanguageModel, TinyLlamaConfig, build_tiny_llama, grow_layers
 from ..train.distributed import barrier, init_distributed
 from ..train.loop import TrainConfig, seed_everything, train_stage
 
@@ -47,6 +47,7 @@ class LmPhase:
     supervise_all: bool | None = None
     batch_size: int | None = None
     lr: float | None = None
+    grow_layers: int = 0  # decoder layers appended (function-preserving) before this phase trains
 
 
 @dataclass
@@ -55,6 +56,10 @@ class LmRecipe:
     tokenizer: str = ""
     pretrained: str | None = None  # a causal-LM directory to continue from; None builds `model`
     model: TinyLlamaConfig = field(default_factory=TinyLlamaConfig)
+    # Decoder layers appended to the loaded model before training, initialised so that it computes
+    # what it did (see grow_layers): depth for a trained LM without starting over. In a curriculum
+    # they are added once, before the first phase.
+    grow_layers: int = 0
     template: str = "vicuna_v1_nosys"
     corpus: str | None = None  # a LLaVA-format conversation file; None generates the Shapes text corpus
     corpus_scenes: int = 60000
@@ -92,8 +97,9 @@ def phase_recipe(recipe: LmRecipe, phase: LmPhase, index: int, pretrained: str |
               if getattr(phase, name) is not None}
     train = dataclasses.replace(recipe.train, max_steps=phase.max_steps, batch_size=phase.batch_size or recipe.train.batch_size,
                                 optim=dataclasses.replace(recipe.train.optim, lr=phase.lr or recipe.train.optim.lr))
+    grow = phase.grow_layers + (recipe.grow_layers if index == 0 else 0)
     return dataclasses.replace(recipe, **corpus, corpus_seed=recipe.corpus_seed + index, pretrained=pretrained,
-                               train=train, curriculum=[])
+                               grow_layers=grow, train=train, curriculum=[])
 
 
 def run_lm(recipe: LmRecipe, run_dir: str | Path, progress: bool = True) -> dict:
@@ -111,6 +117,7 @@ def run_lm(recipe: LmRecipe, run_dir: str | Path, progress: bool = True) -> dict
     seed_everything(recipe.train.seed)  # before building: initial weights depend on it
     model = LanguageModel.from_pretrained(recipe.pretrained) if recipe.pretrained else LanguageModel(
         build_tiny_llama(recipe.model, tokenizer))
+    grow_layers(model.model, recipe.grow_layers)
 
     dist = init_distributed()
     corpus_path = Path(recipe.corpus) if recipe.corpus else run_dir / "corpus.json"

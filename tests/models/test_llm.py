@@ -1,10 +1,12 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from bridgevlm.data.templates import IGNORE_INDEX
-from bridgevlm.models.llm import LanguageModel, TinyLlamaConfig, build_tiny_llama, supervised_lm_loss
+from bridgevlm.models.llm import LanguageModel, TinyLlamaConfig, build_tiny_llama, grow_layers, supervised_lm_loss
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -81,3 +83,48 @@ def test_save_and_reload_round_trip(llm, tokenizer, tmp_path):
             assert torch.equal(got, expected)
     assert reloaded.config.eos_token_id == tokenizer.eos_token_id
     assert reloaded.config.vocab_size == len(tokenizer)
+
+
+def _grown(tokenizer, count=2):
+    """A tiny Llama before and after growing by `count` layers (deep copies, same weights)."""
+    torch.manual_seed(0)
+    before = build_tiny_llama(TINY, tokenizer).eval()
+    after = grow_layers(copy.deepcopy(before), count)
+    return before, after
+
+
+def test_grow_layers_preserves_logits_and_new_layers_learn(tokenizer):
+    before, after = _grown(tokenizer)
+    batch = _batch(tokenizer)
+    assert after.config.num_hidden_layers == len(after.model.layers) == TINY.num_layers + 2
+    assert [layer.self_attn.layer_idx for layer in after.model.layers] == [0, 1, 2, 3]
+    with torch.no_grad():
+        expected = before(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        got = after(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    # the zeroed projections get gradients, so training opens the new residual branches
+    LanguageModel(after)(batch).loss_sum.backward()
+    for layer in after.model.layers[TINY.num_layers:]:
+        assert layer.self_attn.o_proj.weight.grad.abs().sum() > 0
+        assert layer.mlp.down_proj.weight.grad.abs().sum() > 0
+
+
+def test_grown_model_saves_loads_and_decodes_with_kv_cache(tokenizer, tmp_path):
+    _, grown = _grown(tokenizer)
+    torch.manual_seed(2)  # as if trained: new layers that change the output, so their cache slots matter
+    for layer in grown.model.layers[TINY.num_layers:]:
+        torch.nn.init.normal_(layer.self_attn.o_proj.weight, std=0.2)
+        torch.nn.init.normal_(layer.mlp.down_proj.weight, std=0.2)
+    grown.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    assert reloaded.config.num_hidden_layers == TINY.num_layers + 2
+    ids = _batch(tokenizer)["input_ids"][:1, :6]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, grown(input_ids=ids).logits, rtol=0, atol=0)
+        out = reloaded.generate(input_ids=ids, max_new_tokens=8, do_sample=False, use_cache=True,
+                                output_scores=True, return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
+        # the cached decode's scores equal a full forward over the decoded sequence, step by step
+        full = reloaded(input_ids=out.sequences, use_cache=False).logits[0, ids.shape[1] - 1:-1]
+    cached = torch.cat(out.scores)
+    assert cached.shape[0] == 8
+    torch.testing.assert_close(cached, full[:cached.shape[0]], rtol=1e-4, atol=1e-5)

@@ -243,3 +243,20 @@ def test_curriculum_config_errors_name_the_phase_field(tiny, shapes_world, world
     recipe.curriculum = [LmPhase(name="odd", max_steps=1, families=["colours"])]
     with pytest.raises(ValueError, match="unknown question families \\['colours'\\]"):
         run_lm(recipe, tmp_path / "families", progress=False)
+
+
+def test_grow_layers_once_for_the_recipe_and_per_phase(tiny, shapes_world, world_tokenizer_dir, tmp_path):
+    recipe = tiny.lm(shapes_world, world_tokenizer_dir, max_steps=99)
+    recipe.grow_layers = 1
+    recipe.curriculum = [LmPhase(name="first", max_steps=1), LmPhase(name="second", max_steps=1),
+                         LmPhase(name="deeper", max_steps=1, grow_layers=2)]
+    run_lm(recipe, tmp_path, progress=False)
+    # the recipe's layer is added before the first phase only, a phase's own before that phase
+    grows = [yaml.safe_load((tmp_path / "phases" / name / "config.yaml").read_text())["grow_layers"]
+             for name in ("first", "second", "deeper")]
+    assert grows == [1, 0, 2]
+    layers = [AutoModelForCausalLM.from_pretrained(tmp_path / "phases" / name / "model").config.num_hidden_layers
+              for name in ("first", "second", "deeper")]
+    base = recipe.model.num_layers
+    assert layers == [base + 1, base + 1, base + 3]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "model").config.num_hidden_layers == base + 3
