@@ -103,7 +103,7 @@ def _add_quickstart(sub) -> None:
                    help="recipe for the LLaVA stages (default configs/shapes/llava.yaml)")
     p.add_argument("--bridge", choices=["llava", "qformer", "all", "none"], default="llava",
                    help="what to train after the backbones: llava (LLaVA-1.5, the default), qformer (BLIP-2 stage 1, "
-                        "then InstructBLIP; about 15 minutes), all, or none (stop after the backbones)")
+                        "then InstructBLIP; about 40 minutes, most of it stage 1), all, or none (stop after the backbones)")
     p.add_argument("--stage1-recipe", type=Path, default=None,
                    help="recipe for BLIP-2 stage 1 with --bridge qformer (default configs/shapes/blip2_stage1.yaml)")
     p.add_argument("--instructblip-recipe", type=Path, default=None,
