@@ -31,6 +31,11 @@ def prompt_ids(loaded: LoadedVlm, template: ConversationTemplate, messages: list
                                  image_placeholder=loaded.placeholder).input_ids
 
 
+def image_tags(loaded: LoadedVlm, ids: list[int]) -> int:
+    """How many images a prompt's ids hold placeholders for."""
+    return ids.count(loaded.placeholder.token_id) // loaded.placeholder.count
+
+
 def prepare_prompts(loaded: LoadedVlm, template: ConversationTemplate, conversations: Sequence[list[dict]],
                     images: Sequence[Sequence[Image.Image]]) -> dict:
     """Left-padded prompt ids, mask and pixel values for conversations that end with a user turn.
@@ -38,9 +43,8 @@ def prepare_prompts(loaded: LoadedVlm, template: ConversationTemplate, conversat
     reads instructions, also `qformer_input_ids` / `qformer_attention_mask` [I, Tq]: each image's
     conversation's last user turn."""
     rows = [prompt_ids(loaded, template, c) for c in conversations]
-    placeholder = loaded.placeholder
     for index, (row, imgs) in enumerate(zip(rows, images)):
-        tags = row.count(placeholder.token_id) // placeholder.count
+        tags = image_tags(loaded, row)
         if tags != len(imgs):
             raise ValueError(f"prompt {index} has {tags} {IMAGE_TAG} tag(s) but {len(imgs)} image(s)")
     ids, mask = left_pad(rows, loaded.tokenizer.pad_token_id)

@@ -180,10 +180,11 @@ def create_app(engine: GenerationEngine, cfg: ServeConfig, model_name: str) -> F
         jobs = [Request(messages, images, request.generation(cfg, choice), _Relay(loop, events, choice),
                         system=system, timeout_s=cfg.request_timeout_s) for choice in range(request.n)]
         try:
-            for job in jobs:
-                engine.check(job)
+            engine.check(jobs[0])  # the choices share their prompt and differ only in their seed
         except (PromptError, ValueError) as error:
             return _error(400, str(error), "messages")
+        for job in jobs[1:]:
+            job.prompt_tokens = jobs[0].prompt_tokens
         try:
             for job in jobs:
                 engine.submit(job)
