@@ -148,14 +148,10 @@ def tokenize_source(tokenizer, source: str, image_placeholder: ImagePlaceholder 
     ends every text). Too long a source keeps its beginning and its EOS; one whose images alone do not
     fit is an error, never an image cut in half."""
     encode, eos = _encoder(tokenizer, encode), _eos(tokenizer)
-    ids = []
-    for piece in split_image_tags(source):
-        if piece is not None:
-            ids += encode(piece)
-        elif image_placeholder is not None:
-            ids += [image_placeholder.token_id] * image_placeholder.count
-        else:
-            raise ConversationError("the source has an <image> tag but no image_placeholder to stand for it")
+    pieces = [None if piece is None else list(encode(piece)) for piece in split_image_tags(source)]
+    if image_placeholder is None and None in pieces:
+        raise ConversationError("the source has an <image> tag but no image_placeholder to stand for it")
+    ids = image_placeholder.expand(pieces) if image_placeholder else [i for piece in pieces for i in piece]
     images = ids.count(image_placeholder.token_id) if image_placeholder else 0
     if max_source_length is not None and len(ids) + len(eos) > max_source_length:
         ids = ids[:max(max_source_length - len(eos), 0)]

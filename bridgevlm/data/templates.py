@@ -198,10 +198,26 @@ class TokenizedConversation:
 @dataclass(frozen=True)
 class ImagePlaceholder:
     """How an image appears in the token sequence: `count` copies of `token_id`, one per visual token
-    the model splices in. The id need not be in the vocabulary (the model never embeds it)."""
+    the model splices in. The id need not be in the vocabulary (the model never embeds it).
+
+    With `text_copy_offset` (CROME's gated adapter, whose LLM input is concat(text, adapted text,
+    adapted image)), each image is preceded by a copy of the text of the turn that holds it, every id
+    shifted up by the offset: the model embeds those positions through the adapter's text branch."""
 
     token_id: int
     count: int
+    text_copy_offset: int | None = None
+
+    def expand(self, pieces: Sequence[Sequence[int] | None]) -> list[int]:
+        """A turn's text pieces (ids) with None where an image goes -> the turn's ids, each image as
+        its tokens (after the copy of the turn's text, with `text_copy_offset`)."""
+        copy = []
+        if self.text_copy_offset is not None:
+            copy = [i + self.text_copy_offset for piece in pieces if piece is not None for i in piece]
+        ids: list[int] = []
+        for piece in pieces:
+            ids += copy + [self.token_id] * self.count if piece is None else list(piece)
+        return ids
 
 
 def tokenize_conversation(
@@ -267,7 +283,4 @@ def _encode_with_images(text: str, encode, placeholder: ImagePlaceholder | None)
         return []
     if placeholder is None:
         return list(encode(text))
-    ids: list[int] = []
-    for piece in split_image_tags(text):
-        ids += [placeholder.token_id] * placeholder.count if piece is None else list(encode(piece))
-    return ids
+    return placeholder.expand([None if piece is None else encode(piece) for piece in split_image_tags(text)])

@@ -130,7 +130,9 @@ def _causal_rows(prompts: list[list[int]], candidates: list[list[int]], pad_toke
     scored = torch.zeros((len(prompts), input_ids.shape[1] - 1), dtype=torch.bool)
     for r, (prompt, candidate) in enumerate(zip(prompts, candidates)):
         scored[r, len(prompt) - 1:len(prompt) + len(candidate) - 1] = True
-    return _Rows(input_ids, attention_mask, {}, input_ids[:, 1:], scored, slice(None, -1))
+    # Unscored positions target id 0: the prompt may hold ids past the vocabulary (image placeholders,
+    # a gated adapter's text copy), which the logits cannot be gathered at.
+    return _Rows(input_ids, attention_mask, {}, input_ids[:, 1:].masked_fill(~scored, 0), scored, slice(None, -1))
 
 
 def _seq2seq_rows(prompts: list[list[int]], candidates: list[list[int]], pad_token_id: int, start: int) -> _Rows:

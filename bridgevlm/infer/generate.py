@@ -5,9 +5,7 @@ one-at-a-time runs.
 Starting from embeddings (not ids) is what lets the same loop serve a text-only LLM and a
 vision-language model whose prompt holds spliced visual tokens. An encoder-decoder LM (FlanT5) reads
 the prompt embeddings with its encoder, once; the decoding loops see only a decoder that steps
-token by token, the same for both kinds (`open_decoder`). A causal LM's new tokens enter by id, or
-through `embed_tokens` (ids [B, 1] -> [B, 1, D]) when its input embeddings are transformed before it
-reads them (CROME's text branch), so each new token is embedded as the prompt's tokens were.
+token by token, the same for both kinds (`open_decoder`). New tokens enter by id.
 
 A vision-language model whose connector acts inside the LLM (partial LoRA, gated cross-attention)
 passes the prompt's `context` (models/connectors/in_llm.py): it is installed around every model call,
@@ -86,9 +84,8 @@ class _Decoder:
     """
 
     def __init__(self, model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, repeat: int = 1,
-                 max_length: int | None = None, embed_tokens=None, context=None):
+                 max_length: int | None = None, context=None):
         self.model = model
-        self.embed_tokens = embed_tokens
         if not model.training:  # a model used for inference on a CPU gets the faster decoding layout
             use_cpu_decoding_layout(model)
         width = inputs_embeds.shape[1]
@@ -120,9 +117,7 @@ class _Decoder:
         """ids [B] -> next-token logits [B, V]."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
         with torch.inference_mode(), _applying(self.context):
-            new = ({"input_ids": ids[:, None]} if self.embed_tokens is None else
-                   {"inputs_embeds": self.embed_tokens(ids[:, None])})
-            out = self.model(**new, attention_mask=self.mask, position_ids=self.next_position,
+            out = self.model(input_ids=ids[:, None], attention_mask=self.mask, position_ids=self.next_position,
                              past_key_values=self.cache, use_cache=True,
                              cache_position=torch.tensor([self.written], device=ids.device))
         self.written += 1
@@ -184,17 +179,13 @@ class _Seq2SeqDecoder:
 
 
 def open_decoder(model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, repeat: int = 1,
-                  max_length: int | None = None, embed_tokens=None, context=None):
+                  max_length: int | None = None, context=None):
     """The decoding state for `model`'s kind: a causal LM or an encoder-decoder one."""
     if getattr(model.config, "is_encoder_decoder", False):
-        if embed_tokens is not None:
-            raise ValueError("embed_tokens feeds a causal LM's new tokens; an encoder-decoder LM's decoder "
-                             "embeds its own")
         if context is not None:
             raise ValueError("a context is read by a connector inside a causal LM; an encoder-decoder LM has none")
         return _Seq2SeqDecoder(model, inputs_embeds, attention_mask, repeat=repeat, max_length=max_length)
-    return _Decoder(model, inputs_embeds, attention_mask, repeat=repeat, max_length=max_length,
-                    embed_tokens=embed_tokens, context=context)
+    return _Decoder(model, inputs_embeds, attention_mask, repeat=repeat, max_length=max_length, context=context)
 
 
 def _applying(context):
@@ -231,15 +222,14 @@ def next_tokens(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Ge
 
 
 def stream_tokens(model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, cfg: GenerationConfig,
-                  eos_token_id: int | None, embed_tokens=None, context=None) -> Iterator[torch.Tensor]:
+                  eos_token_id: int | None, context=None) -> Iterator[torch.Tensor]:
     """Greedy or sampled decoding; yields the next token of every row [B] at each step, until every
-    row has produced EOS or max_new_tokens. Rows that finished keep receiving EOS. `embed_tokens`,
-    `context`: see the module docstring."""
+    row has produced EOS or max_new_tokens. Rows that finished keep receiving EOS. `context`: see the
+    module docstring."""
     cfg.check()
     generator = sampling_generator(cfg, inputs_embeds.device)
     decoder = open_decoder(model, inputs_embeds, attention_mask,
-                            max_length=inputs_embeds.shape[1] + cfg.max_new_tokens, embed_tokens=embed_tokens,
-                            context=context)
+                            max_length=inputs_embeds.shape[1] + cfg.max_new_tokens, context=context)
     logits = decoder.logits
     finished = torch.zeros(inputs_embeds.shape[0], dtype=torch.bool, device=inputs_embeds.device)
     for step in range(cfg.max_new_tokens):
@@ -254,14 +244,13 @@ def stream_tokens(model, inputs_embeds: torch.Tensor, attention_mask: torch.Tens
 
 
 def _beam_search(model, inputs_embeds, attention_mask, cfg: GenerationConfig, eos_token_id,
-                 embed_tokens=None, context=None) -> list[list[int]]:
+                 context=None) -> list[list[int]]:
     """Beam search with a length penalty; returns the best hypothesis of each row (without EOS).
 
     A row stops once it holds num_beams finished hypotheses and no running beam can still beat the
     worst of them (the usual heuristic for a length penalty > 0)."""
     batch, beams = inputs_embeds.shape[0], cfg.num_beams
-    decoder = open_decoder(model, inputs_embeds, attention_mask, repeat=beams, embed_tokens=embed_tokens,
-                            context=context)
+    decoder = open_decoder(model, inputs_embeds, attention_mask, repeat=beams, context=context)
     device = inputs_embeds.device
     scores = torch.full((batch, beams), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: keep one so the first step does not pick duplicates
@@ -330,21 +319,21 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 
 @torch.no_grad()
 def generate(model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, cfg: GenerationConfig,
-             eos_token_id: int | None, tokenizer=None, embed_tokens=None, context=None) -> GenerationOutput:
+             eos_token_id: int | None, tokenizer=None, context=None) -> GenerationOutput:
     """Generate from a (left-padded) batch of prompt embeddings [B, T, D] with mask [B, T].
 
     `model` is a HF causal LM, or an encoder-decoder one whose encoder reads the prompt. With a
     tokenizer, texts are decoded and cut at the first stop string; stop strings also end a row's
-    decoding early (greedy/sampling). `embed_tokens`, `context`: see the module docstring."""
+    decoding early (greedy/sampling). `context`: see the module docstring."""
     cfg.check()
     if cfg.stop and tokenizer is None:
         raise ValueError("stop strings need a tokenizer to decode the generated text")
     if cfg.num_beams > 1:
-        tokens = _beam_search(model, inputs_embeds, attention_mask, cfg, eos_token_id, embed_tokens, context)
+        tokens = _beam_search(model, inputs_embeds, attention_mask, cfg, eos_token_id, context)
     else:
         tokens = [[] for _ in range(inputs_embeds.shape[0])]
         ended = [False] * len(tokens)
-        for ids in stream_tokens(model, inputs_embeds, attention_mask, cfg, eos_token_id, embed_tokens, context):
+        for ids in stream_tokens(model, inputs_embeds, attention_mask, cfg, eos_token_id, context):
             for row, token in enumerate(ids.tolist()):
                 if ended[row]:
                     continue

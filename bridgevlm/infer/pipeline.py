@@ -96,7 +96,7 @@ def answer(loaded: LoadedVlm, conversations: Sequence[list[dict]], images: Seque
     for start in range(0, len(conversations), batch_size):
         prompts = embed_prompts(loaded, template, conversations[start:start + batch_size], images[start:start + batch_size])
         out = generate(model.llm.model, prompts.embeds, prompts.attention_mask, cfg, loaded.tokenizer.eos_token_id,
-                       loaded.tokenizer, embed_tokens=model.text_embedder, context=prompts.context)
+                       loaded.tokenizer, context=prompts.context)
         replies += [t.strip() for t in out.texts]
     return replies
 
@@ -132,7 +132,7 @@ class Chat:
         model, tokenizer = loaded.model, loaded.tokenizer
         reply = ReplyText(tokenizer, self.cfg.stop)
         for ids in stream_tokens(model.llm.model, prompts.embeds, prompts.attention_mask, self.cfg,
-                                 tokenizer.eos_token_id, embed_tokens=model.text_embedder, context=prompts.context):
+                                 tokenizer.eos_token_id, context=prompts.context):
             token = int(ids[0])
             if token == tokenizer.eos_token_id:
                 break

@@ -50,7 +50,7 @@ def _laid_out(template: _Decoder, held: list[tuple[torch.Tensor, torch.Tensor]],
               next_position: torch.Tensor, logits: torch.Tensor, context, room: int) -> _Decoder:
     """A decoder over these keys and values, in a buffer with `room` free columns after them."""
     decoder = object.__new__(_Decoder)
-    decoder.model, decoder.embed_tokens = template.model, template.embed_tokens
+    decoder.model = template.model
     width = mask.shape[1]
     decoder.cache = StaticCache(config=template.model.config, max_cache_len=width + room)
     with torch.inference_mode():

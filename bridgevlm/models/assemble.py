@@ -70,7 +70,7 @@ class LoadedVlm:
 
     @property
     def placeholder(self) -> ImagePlaceholder:
-        return ImagePlaceholder(self.model.image_token_id, self.model.num_image_tokens)
+        return ImagePlaceholder(self.model.image_token_id, self.model.num_image_tokens, self.model.text_copy_offset)
 
     def instruction_tokenizer(self) -> InstructionTokenizer | None:
         """How each image's instruction is tokenised for the Q-Former; None when the connector reads none."""

@@ -14,8 +14,11 @@ Either way the visual tokens go into the embeddings of `input_ids` (for an encod
 encoder's input), and the LLM wrapper knows how to run itself on them: next-token loss on the
 labelled positions, or BLIP-2's prefix-LM loss on the decoder's targets.
 
-A connector with `adapt_text` (CROME's gated adapter) also transforms the text embeddings, in
-`embed_text`; generation embeds each new token the same way (`text_embedder`).
+A connector with `adapt_text` (CROME's gated adapter) also reads text: each image's placeholders are
+preceded by a copy of its turn's text whose ids are shifted up by `text_copy_offset` (the tokenizer
+side writes it, data/templates.py's ImagePlaceholder), and `embed` puts the adapter's text-branch
+output at those positions. Every other position is the LLM's own embedding, so text-only prompts,
+replies and generated tokens reach the LLM exactly as they would without the bridge.
 
 An in-LLM connector (partial LoRA, Flamingo's gated cross-attention; connectors/in_llm.py) is attached
 to the LLM when the model is built: it wraps some of the LLM's modules. Those read, per forward, a
@@ -79,6 +82,15 @@ class VisionLanguageModel(nn.Module):
         """Placeholder tokens per image in the input sequence."""
         return self.connector.num_tokens(self.vision.num_tokens)
 
+    @property
+    def text_copy_offset(self) -> int | None:
+        """For a connector that adapts text: the shift marking the ids of an image's copy of its turn's
+        text (past the vocabulary and the image placeholder id, so no real id is mistaken for one);
+        None for every other connector."""
+        if not hasattr(self.connector, "adapt_text"):
+            return None
+        return max(self.llm.model.get_input_embeddings().num_embeddings, self.image_token_id + 1)
+
     def encode_images(self, pixel_values: torch.Tensor, qformer_input_ids: torch.Tensor | None = None,
                       qformer_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """[I, 3, H, W] (+ instruction ids/mask [I, Tq]) -> visual tokens [I, M, D_llm]."""
@@ -109,8 +121,7 @@ class VisionLanguageModel(nn.Module):
         images = vision_features if vision_features is not None else pixel_values
         num_images = 0 if images is None else images.shape[0]
         self._check_placeholders(is_image, num_images, sample_ids)
-        # The placeholder id may lie outside the vocabulary (HF Llava's default): look up a valid id instead.
-        embeds = self.embed_text(input_ids.masked_fill(is_image, 0))
+        embeds = self.embed_text(input_ids, is_image)
         if num_images:
             features = vision_features if vision_features is not None else self.vision(pixel_values)
             visual = self.connect(features, qformer_input_ids, qformer_attention_mask)
@@ -133,21 +144,20 @@ class VisionLanguageModel(nn.Module):
         embeds = self.embed(input_ids, None, sample_ids, features, qformer_input_ids, qformer_attention_mask)
         return embeds, self.connector.context(input_ids == self.image_token_id, features)
 
-    def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token ids [B, T] -> the LLM's input embeddings [B, T, D], through the connector's text branch
-        when it has one (position by position, so image placeholders can be overwritten afterwards)."""
-        embeds = self.llm.embed(input_ids)
-        adapt = getattr(self.connector, "adapt_text", None)
-        return embeds if adapt is None else adapt(embeds)
-
-    @property
-    def text_embedder(self):
-        """How generation feeds each new token [B, 1] to the LLM: None when by its id (the LLM's own
-        embedding), `embed_text` when the connector adapts text. An encoder-decoder LLM's decoder always
-        embeds its own tokens (the text branch adapts the encoder's input only)."""
-        if self.llm.is_encoder_decoder or not hasattr(self.connector, "adapt_text"):
-            return None
-        return self.embed_text
+    def embed_text(self, input_ids: torch.Tensor, is_image: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, T] -> the LLM's input embeddings [B, T, D]; image positions hold a stand-in to be
+        overwritten, and copies of text (ids past `text_copy_offset`) the adapter's text branch."""
+        # The placeholder id may lie outside the vocabulary (HF Llava's default): look up a valid id instead.
+        ids = input_ids.masked_fill(is_image, 0)
+        offset = self.text_copy_offset
+        if offset is None:
+            return self.llm.embed(ids)
+        is_copy = ids >= offset
+        embeds = self.llm.embed(torch.where(is_copy, ids - offset, ids))
+        if not is_copy.any():
+            return embeds
+        adapted = self.connector.adapt_text(embeds[is_copy]).to(embeds.dtype)
+        return embeds.masked_scatter(is_copy.unsqueeze(-1), adapted)
 
     def _check_placeholders(self, is_image: torch.Tensor, num_images: int, sample_ids) -> None:
         per_row = is_image.sum(1).tolist()

@@ -195,8 +195,7 @@ class GenerationEngine:
         ids = torch.tensor([[self.loaded.tokenizer.eos_token_id]], device=next(model.parameters()).device)
         with torch.no_grad():
             embeds, context = model.prepare(ids, None)
-            decoder = open_decoder(model.llm.model, embeds, torch.ones_like(ids), embed_tokens=model.text_embedder,
-                                   context=context)
+            decoder = open_decoder(model.llm.model, embeds, torch.ones_like(ids), context=context)
         return can_join(decoder)
 
     def _run(self) -> None:
@@ -227,7 +226,7 @@ class GenerationEngine:
             with self._tokenizer_lock:
                 prompts = embed_prompts(loaded, self.template_for(request), [request.messages], [request.images])
             decoder = open_decoder(loaded.model.llm.model, prompts.embeds, prompts.attention_mask,
-                                   embed_tokens=loaded.model.text_embedder, context=prompts.context)
+                                   context=prompts.context)
         except Exception as error:  # reported to this request's client; the engine goes on
             log.exception("request %s failed while reading its prompt", request.id)
             request.listener.failed(error)

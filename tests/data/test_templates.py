@@ -4,6 +4,7 @@ from bridgevlm.data.templates import (
     IGNORE_INDEX,
     VICUNA_SYSTEM,
     ConversationError,
+    ImagePlaceholder,
     get_template,
     tokenize_conversation,
 )
@@ -235,3 +236,22 @@ def test_chat_template_errors(tokenizer):
         get_template(CHAT_TEMPLATE, tok).segments(_messages(("a", "b"), ("c", "d")))
     with pytest.raises(KeyError, match="valid: vicuna_v1, vicuna_v1_nosys, plain, blip2_vqa, blip2_vqa_short, blip2_instruction, chat_template"):
         get_template("vicuna")
+
+
+def test_a_placeholder_with_a_text_copy_puts_the_turns_shifted_ids_before_each_image(tokenizer):
+    image = tokenizer.convert_tokens_to_ids("<image>")
+    offset = 10_000
+    messages = _messages(("What colour is<image> here? And<image>?", "red"), ("And now?", "blue"), image=False)
+    template = get_template("vicuna_v1_nosys")
+    bare = tokenize_conversation(tokenizer, template, messages, image_placeholder=ImagePlaceholder(image, 2))
+    copied = tokenize_conversation(tokenizer, template, messages,
+                                   image_placeholder=ImagePlaceholder(image, 2, text_copy_offset=offset))
+    turn = _tok(tokenizer, "USER: What colour is") + _tok(tokenizer, " here? And") + _tok(tokenizer, "? ASSISTANT:")
+    copy = [i + offset for i in turn]
+    first = [tokenizer.bos_token_id] + _tok(tokenizer, "USER: What colour is") + copy + [image] * 2
+    first += _tok(tokenizer, " here? And") + copy + [image] * 2 + _tok(tokenizer, "? ASSISTANT:")
+    assert copied.input_ids[:len(first)] == first and copied.num_images == bare.num_images == 2
+    # the copy is prompt, never a target, and the second turn (no image) is untouched
+    assert copied.labels[:len(first)] == [IGNORE_INDEX] * len(first)
+    assert copied.input_ids[len(first):] == bare.input_ids[len(bare.input_ids) - len(copied.input_ids) + len(first):]
+    assert [i - offset for i in copied.input_ids if i >= offset] == turn * 2

@@ -2,7 +2,8 @@
 
 Input-level connectors turn vision features [B, N, Dv] into tokens [B, M, D_llm] that are spliced
 into the LLM's input embeddings; each one reports `num_tokens(N) -> M`. A connector that also has
-`adapt_text(embeds)` (CROME's gated adapter) transforms the text embeddings it is spliced into.
+`adapt_text(embeds)` (CROME's gated adapter) also reads, before each image, an adapted copy of the
+text of the image's turn (models/vlm.py).
 
 In-LLM connectors (partial LoRA, Flamingo's gated cross-attention) also `attach(llm)` and act inside
 the LLM, reading per forward a context built from the batch (in_llm.py).

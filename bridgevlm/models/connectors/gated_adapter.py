@@ -8,18 +8,17 @@ The adapter is a bottleneck with a skip connection, one branch per modality:
 It has 5·d·m weights (no biases): 2·d·m per branch and m·d for the shared W_u.
 
 How the LLM's input is made. The paper feeds the LLM concat(text embeddings, adapter text-branch
-output, adapter vision-branch output). In bridgevlm the LLM reads one sequence in the prompt's
-reading order, image placeholders included, so the concatenation is along that sequence: every
-text position carries the text branch's output for its token embedding and every image position
-the vision branch's output for a projected query. The text embeddings themselves enter through the
-skip connection (y = x + z·W_u), and W_u starts at zero, so an untrained adapter is the identity:
-the model starts as the Q-Former bridge over an LLM that reads exactly its own text embeddings.
-
-Every token that enters the LLM passes the text branch: the prompt, the supervised reply in
-training, the tokens generated one by one (VisionLanguageModel.text_embedder), and a text-only
-prompt as well (it is text in the LLM's input like any other). The adapter works token by token,
-so padding and batching cannot change a row's result. With an encoder-decoder LLM the branch adapts
-the encoder's input; the decoder's tokens are the LLM's own, in training and generation alike.
+output, adapter vision-branch output). bridgevlm keeps the prompt in its reading order and puts the
+two adapted parts where the image stands: the image's placeholders are preceded by a copy of the text
+of the turn that holds it (the tokenizer side writes the copy with its ids shifted past the
+vocabulary; ImagePlaceholder.text_copy_offset), and VisionLanguageModel.embed gives those positions
+the text branch's output and the image positions the vision branch's output for the projected
+queries. Every other token, the prompt's own text included, is the LLM's plain embedding: the text
+branch is an extra view of the instruction, never a re-embedding of the vocabulary, so replies and
+generated tokens are read as the LLM knows them and a text-only prompt is exactly the base LLM's.
+W_u starts at zero, so an untrained adapter passes both copies through unchanged (y = x + z·W_u).
+The adapter works token by token, so padding and batching cannot change a row's result. With an
+encoder-decoder LLM the copy and the image go into the encoder's input.
 """
 from __future__ import annotations
 
@@ -90,8 +89,8 @@ class GatedCrossModalAdapter(nn.Module):
 class GatedAdapterConnector(nn.Module):
     """vision features [I, N, Dv] (+ instruction ids/mask [I, Tq]) -> visual tokens [I, Q, D_llm]:
     the Q-Former bridge's projected query outputs through the adapter's vision branch.
-    `adapt_text(embeds [B, T, D_llm])` is the text branch, which VisionLanguageModel applies to the
-    text embeddings. Parameters: `visual.qformer.*`, `visual.language_projection.*`, `adapter.*`,
+    `adapt_text(embeds [*, D_llm])` is the text branch, which VisionLanguageModel applies to each image's
+    copy of its turn's text. Parameters: `visual.qformer.*`, `visual.language_projection.*`, `adapter.*`,
     the parts a stage can train on their own (trainable.connector_parts)."""
 
     # Its parts, as stages name them and parameter counts break them down (other connectors: their children).
@@ -119,5 +118,5 @@ class GatedAdapterConnector(nn.Module):
         return self.adapter(self.visual(features, instruction_ids, instruction_mask), "vision")  # [I, Q, D]
 
     def adapt_text(self, embeds: torch.Tensor) -> torch.Tensor:
-        """Text embeddings [B, T, D] -> the text branch's output [B, T, D], token by token."""
+        """Text embeddings [*, D] -> the text branch's output [*, D], token by token."""
         return self.adapter(embeds, "text")
