@@ -74,7 +74,7 @@ def test_models_and_health(client, server):
 
 def test_a_reply_with_an_image_equals_answer_in_process(client, server, loaded):
     red = server.images[0]
-    question = "What colour is the object?"
+    question = "Where is the object?"
     reply = client.chat.completions.create(model=server.model, messages=[_user(question, data_url(red))],
                                            max_tokens=9, temperature=0)
     expected = _expected(loaded, red, question, 9)
