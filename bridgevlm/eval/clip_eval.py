@@ -12,7 +12,8 @@ from ..data.images import ImageProcessor, load_image
 from ..models.contrastive import ContrastiveModel, zero_shot_classifier
 from .metrics import classification_accuracy, retrieval_recall
 
-# Prompt ensemble for zero-shot classification, in the style of CLIP's templates.
+# Prompt ensemble for zero-shot classification, in the style of CLIP's templates: for data that does not
+# say how it words a class (a world's `class_prompts` does).
 ZERO_SHOT_TEMPLATES = ("a {}.", "a small {}.", "a large {}.", "a photo of a {}.", "a picture of a {}.",
                        "an image with a {}.", "a drawing of a {}.")
 
@@ -72,7 +73,8 @@ def retrieval(model, tokenizer, processor, image_paths, captions: Sequence[str])
 
 
 def evaluate_clip_on_world(model, tokenizer, processor, world_dir: str | Path, split: str = "test") -> dict:
-    """The world's zero-shot classification (colour+shape classes) and caption retrieval metrics."""
+    """The world's zero-shot classification (colour+shape classes, prompted in the world's own caption
+    forms when world.json lists them as `class_prompts`) and caption retrieval metrics."""
     world_dir = Path(world_dir)
     world = json.loads((world_dir / "world.json").read_text(encoding="utf-8"))
     items = json.loads((world_dir / "eval" / split / "classify.json").read_text(encoding="utf-8"))
@@ -82,7 +84,8 @@ def evaluate_clip_on_world(model, tokenizer, processor, world_dir: str | Path, s
     if not items:  # a tiny world may have no single-object scene in this split
         return result
     result.update(zero_shot(model, tokenizer, processor, [images / it["image"] for it in items],
-                       [it["label"] for it in items], world["classes"]))
+                       [it["label"] for it in items], world["classes"],
+                       world.get("class_prompts") or ZERO_SHOT_TEMPLATES))
     predicted = result.pop("predictions")
     labels = [it["label"] for it in items]
     result["zeroshot_colour_accuracy"] = sum(p.split()[0] == t.split()[0] for p, t in zip(predicted, labels)) / len(labels)

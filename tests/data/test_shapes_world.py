@@ -163,6 +163,21 @@ def test_eval_files(world):
     assert not (world / "eval" / "train").exists()
 
 
+def test_class_prompts_are_the_worlds_own_captions_of_a_one_object_scene(world):
+    prompts = set(load_world_description(world)["class_prompts"])
+    assert len(prompts) == 2 * 9 + 2 and all(p.count("{}") == 1 for p in prompts)  # detailed per size and cell, short
+    seen = 0
+    for split in ("train", "val", "test"):
+        for scene in _load(world, "scenes", f"{split}.json"):
+            if len(scene["objects"]) != 1 or scene.get("text"):
+                continue
+            label = f"{scene['objects'][0]['colour']} {scene['objects'][0]['shape']}"
+            for caption in (scene["short_caption"], scene["detailed_caption"]):
+                assert caption.replace(label, "{}") in prompts, caption
+                seen += 1
+    assert seen
+
+
 _POSITION = {f"{r} {c}": (i, j) for i, r in enumerate(ROWS) for j, c in enumerate(COLUMNS)}
 
 

@@ -88,11 +88,13 @@ def test_zero_shot_accuracy(monkeypatch):
     assert seen == {"names": classnames, "templates": ZERO_SHOT_TEMPLATES}
 
 
-def test_evaluate_clip_on_world_splits_colour_and_shape(monkeypatch, tmp_path):
+@pytest.mark.parametrize("class_prompts", [None, ["a small {}.", "There is 1 object. At the top left, a large {}."]])
+def test_evaluate_clip_on_world_splits_colour_and_shape(monkeypatch, tmp_path, class_prompts):
     classes = ["red circle", "red square", "blue circle", "blue square"]
     (tmp_path / "eval" / "test").mkdir(parents=True)
     (tmp_path / "captions").mkdir()
-    (tmp_path / "world.json").write_text(json.dumps({"classes": classes}))
+    world = {"classes": classes, **({"class_prompts": class_prompts} if class_prompts else {})}
+    (tmp_path / "world.json").write_text(json.dumps(world))
     items = [{"id": "a", "image": "test/a.png", "label": "red circle"},
              {"id": "b", "image": "test/b.png", "label": "red circle"},
              {"id": "c", "image": "test/c.png", "label": "blue square"},
@@ -103,7 +105,13 @@ def test_evaluate_clip_on_world_splits_colour_and_shape(monkeypatch, tmp_path):
              {"id": "f", "image": "test/f.png", "conversations": [
                  {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "a green star"}]}]
     (tmp_path / "captions" / "test.json").write_text(json.dumps(pairs))
-    monkeypatch.setattr(clip_eval, "zero_shot_classifier", lambda *args, **kwargs: torch.eye(4))
+    prompted = []
+
+    def classifier(model, tokenizer, names, templates):
+        prompted.append((list(names), tuple(templates)))
+        return torch.eye(4)
+
+    monkeypatch.setattr(clip_eval, "zero_shot_classifier", classifier)
     one_hot = {name: [float(i == j) for j in range(4)] for i, name in enumerate(classes)}
     images = {"a": one_hot["red circle"],   # right
               "b": one_hot["red square"],   # colour right, shape wrong
@@ -118,6 +126,8 @@ def test_evaluate_clip_on_world_splits_colour_and_shape(monkeypatch, tmp_path):
     assert out["zeroshot_colour_accuracy"] == pytest.approx(0.75)
     assert out["zeroshot_shape_accuracy"] == pytest.approx(0.5)
     assert out["zeroshot_examples"] == 4
+    # the world's own caption forms when it lists them, else the generic CLIP-style ensemble
+    assert prompted == [(classes, tuple(class_prompts or ZERO_SHOT_TEMPLATES))]
     # e -> "a red circle" (hit); f scores 0 against both captions: a tie counts as a miss.
     assert out["recall_at_1"] == pytest.approx(0.5)
     assert out["text_recall_at_1"] == pytest.approx(0.5)

@@ -162,6 +162,19 @@ def detailed_caption(scene: Scene) -> str:
     return " ".join(sentences)
 
 
+def class_prompts() -> list[str]:
+    """Every caption the world writes for a one-object scene, with "{}" where its class ("red circle")
+    goes: the prompt ensemble for zero-shot classification in the captions' own words, as CLIP
+    writes prompts for each dataset in that dataset's manner."""
+    prompts = []
+    for size in SIZES:
+        for row in range(3):
+            for col in range(3):
+                scene = Scene("prompt", "prompt", (SceneObject("\0", "\1", size, row, col),))
+                prompts += [caption(scene).replace("\1 \0", "{}") for caption in (short_caption, detailed_caption)]
+    return sorted(set(prompts))
+
+
 def compact_caption(scene: Scene) -> str:
     """'small red circle top left, large blue square center.': few words between an object's
     attributes and the next object, so in-context look-ups are short-range (a first curriculum

@@ -30,7 +30,7 @@ from ...io import write_json
 
 from .families import FAMILIES, HELD_IN, HELD_OUT, ask
 from .render import render_scene
-from .scene import (MAX_OBJECTS, COLOURS, SHAPES, Scene, compact_caption, detailed_caption, minimal_caption,
+from .scene import (MAX_OBJECTS, COLOURS, SHAPES, Scene, class_prompts, compact_caption, detailed_caption, minimal_caption,
                     names_objects_uniquely, sample_scene, short_caption)
 
 SPLITS = ("train", "val", "test")
@@ -191,6 +191,7 @@ def world_description(cfg: WorldConfig, counts: dict[str, int]) -> dict:
         "held_in": list(HELD_IN),
         "held_out": list(HELD_OUT),
         "classes": [f"{c} {s}" for c in COLOURS for s in SHAPES],
+        "class_prompts": class_prompts(),
         "families": {
             name: {
                 "description": fam.description,
