@@ -357,8 +357,8 @@ def _backbone_sections(report: Report, out: Path, backbones: Path, manifest: dic
     history_path = backbones / "history.json"
     if history_path.is_file():
         history = json.loads(history_path.read_text())
-        for name in ("clip", "lm"):
-            points = [h for h in history.get(name, []) if "loss" in h]
+        for name in history:  # clip (and clip_finetune when the recipe has it), lm
+            points = [h for h in history[name] if "loss" in h]
             if points:
                 figure = plot_curves(out / "figures" / f"{name}_loss.png",
                                      {name: ([p["step"] for p in points], [p["loss"] for p in points])},

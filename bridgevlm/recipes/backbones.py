@@ -43,6 +43,9 @@ class BackboneRecipe:
     tokenizer_vocab_size: int = 1024
     tokenizer_corpus_scenes: int = 20000
     clip: ClipRecipe = field(default_factory=ClipRecipe)
+    # A second CLIP run that continues from the first one's model (its `pretrained` is set to it), e.g.
+    # with NegCLIP hard negatives on the attribute the first run learnt least; its model is the one shipped.
+    clip_finetune: ClipRecipe | None = None
     lm: LmRecipe = field(default_factory=LmRecipe)
 
 
@@ -78,10 +81,18 @@ def make_backbones(recipe: BackboneRecipe, out_dir: str | Path, world_dir: str |
     for name, sub_recipe, run in (("clip", recipe.clip, run_clip), ("lm", recipe.lm, run_lm)):
         sub_recipe.world, sub_recipe.tokenizer = str(world_dir), str(tokenizer_dir)
         results[name] = run(sub_recipe, out_dir / "runs" / name, progress=progress)
+        made = out_dir / "runs" / name
+        if name == "clip" and recipe.clip_finetune is not None:
+            finetune = recipe.clip_finetune
+            finetune.world, finetune.tokenizer, finetune.pretrained = str(world_dir), str(tokenizer_dir), str(made / "model")
+            first = results[name]
+            results[name] = run(finetune, out_dir / "runs" / "clip_finetune", progress=progress)
+            results[name]["steps"] += first["steps"]
+            made = out_dir / "runs" / "clip_finetune"
         if not dist.is_main:
             continue
-        _replace_dir(out_dir / "runs" / name / "model", out_dir / name)
-        timings[name] = _training_seconds(out_dir / "runs" / name)
+        _replace_dir(made / "model", out_dir / name)
+        timings[name] = sum(_training_seconds(out_dir / "runs" / run_name) for run_name in _runs_of(recipe, name))
 
     if not dist.is_main:
         return {}
@@ -104,9 +115,15 @@ def make_backbones(recipe: BackboneRecipe, out_dir: str | Path, world_dir: str |
                     "threads": torch.get_num_threads(), "torch": torch.__version__},
     }
     write_json(out_dir / "manifest.json", manifest)
-    history = {name: _read_jsonl(out_dir / "runs" / name / "metrics.jsonl") for name in results}
+    history = {run_name: _read_jsonl(out_dir / "runs" / run_name / "metrics.jsonl")
+               for name in results for run_name in _runs_of(recipe, name)}
     write_json(out_dir / "history.json", history, indent=None)
     return manifest
+
+
+def _runs_of(recipe: BackboneRecipe, name: str) -> list[str]:
+    """The run directories (under out_dir/runs) that made backbone `name`."""
+    return [name, "clip_finetune"] if name == "clip" and recipe.clip_finetune is not None else [name]
 
 
 def evaluate_backbones(backbones_dir: str | Path, world_dir: str | Path, split: str = "test",

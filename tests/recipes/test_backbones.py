@@ -1,13 +1,15 @@
 import json
+import shutil
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPModel
 
 from bridgevlm.config import from_dict, to_dict
 from bridgevlm.data.shapes.world import WorldConfig
-from bridgevlm.recipes.backbones import CHECK_LIMIT, evaluate_backbones, load_manifest
+from bridgevlm.recipes.backbones import CHECK_LIMIT, BackboneRecipe, evaluate_backbones, load_manifest, make_backbones
 from bridgevlm.recipes.registry import load_recipe
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -100,3 +102,26 @@ def test_recipe_yaml_reloads(tiny_backbones, tiny):
 def test_load_manifest_of_a_directory_without_one(tmp_path):
     with pytest.raises(FileNotFoundError, match="manifest.json not found.*--from-scratch"):
         load_manifest(tmp_path)
+
+
+
+def test_a_clip_finetune_continues_from_the_first_clip_and_is_what_ships(tiny_backbones, tiny, tmp_path):
+    out = tmp_path / "backbones"
+    shutil.copytree(tiny_backbones, out)  # world, tokenizer, clip and lm are done: only the fine-tune runs
+    fields = tiny.backbone_dict()
+    fields["clip_finetune"] = {"hard_negative_words": [["circle", "square", "triangle", "diamond", "star"]],
+                               "train": {**fields["clip"]["train"], "max_steps": 2}}
+    manifest = make_backbones(from_dict(BackboneRecipe, fields), out, progress=False, command="pytest finetune")
+    finetune = out / "runs" / "clip_finetune"
+    # it starts from the first run's model, trains on, and its model is the shipped CLIP
+    config = yaml.safe_load((finetune / "config.yaml").read_text())
+    assert config["pretrained"] == str(out / "runs" / "clip" / "model") and config["hard_negative_words"]
+    first, shipped = (CLIPModel.from_pretrained(d).state_dict() for d in (out / "runs" / "clip" / "model", out / "clip"))
+    tuned = CLIPModel.from_pretrained(finetune / "model").state_dict()
+    assert all(torch.equal(shipped[k], tuned[k]) for k in tuned)
+    assert any(not torch.equal(first[k], tuned[k]) for k in tuned)
+    assert manifest["steps"]["clip"] == STEPS + 2 and manifest["steps"]["lm"] == STEPS
+    assert manifest["val_metrics"]["clip"] == json.loads((finetune / "metrics.json").read_text())
+    history = json.loads((out / "history.json").read_text())
+    assert set(history) == {"clip", "clip_finetune", "lm"}
+    assert [h["step"] for h in history["clip_finetune"] if "loss" in h] == [1, 2]
