@@ -154,8 +154,7 @@ class VisionLanguageModel(nn.Module):
             return self.llm.embed(ids)
         is_copy = ids >= offset
         embeds = self.llm.embed(torch.where(is_copy, ids - offset, ids))
-        if not is_copy.any():
-            return embeds
+        # Run even on no rows, so every rank's graph reaches the text branch (DDP expects each parameter).
         adapted = self.connector.adapt_text(embeds[is_copy]).to(embeds.dtype)
         return embeds.masked_scatter(is_copy.unsqueeze(-1), adapted)
 

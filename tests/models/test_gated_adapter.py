@@ -174,6 +174,10 @@ def test_a_text_only_prompt_is_exactly_the_base_llms_whatever_the_adapter_learnt
     _perturb(model.connector.adapter.parameters())
     with torch.no_grad():
         assert torch.equal(model.logits(ids, mask), model.llm.model(input_ids=ids, attention_mask=mask).logits)
+    # ... yet the text branch stays in the graph with a zero gradient: under DDP every rank must reach it
+    model.logits(ids, mask).sum().backward()
+    for name, param in model.connector.adapter.text.named_parameters():
+        assert param.grad is not None and not param.grad.any(), name
 
 
 def _conversations():

@@ -72,10 +72,10 @@ def test_the_crome_stages_train_what_they_name_and_the_last_saves_only_the_adapt
     assert all(torch.equal(start[name], stage1[name.removeprefix("connector.visual.qformer.")]) for name in qformer)
     moved = _moved(start, generative)
     assert moved <= qformer | projection and moved & qformer and projection <= moved
-    # (a) the projection and the adapter train; the Q-Former stays as (0) left it. Captions in the plain
-    # template have no user text, so no image carries a text copy and the text branch gets no gradient.
-    text_branch = {name for name in adapter if name.startswith("connector.adapter.text.")}
-    assert len(text_branch) == 2 and _moved(generative, pretrain) == (adapter - text_branch) | projection
+    # (a) the projection and the adapter train; the Q-Former stays as (0) left it. (Captions in the plain
+    # template have no user text to copy, so the text branch's gradient is zero there: only weight decay
+    # moves it, but it stays in the graph, as DDP needs of every trainable parameter.)
+    assert _moved(generative, pretrain) == adapter | projection
     # (b) the whole bridge trains, Q-Former included; (c) the adapter alone, everything else bit-identical
     assert any(name.startswith("connector.visual.qformer.") for name in _moved(pretrain, instruct))
     assert _moved(pretrain, instruct) <= connector
