@@ -180,7 +180,7 @@ def tokenize_prefix_lm(tokenizer, text: PrefixLmText, image_placeholder: ImagePl
     T5's tokenizer, and HF's BLIP-2 processor with it, end both."""
     source = tokenize_source(tokenizer, text.source, image_placeholder, max_source_length, encode)
     target = tokenize_target(tokenizer, text.target, max_target_length, encode)
-    images = source.count(image_placeholder.token_id) // image_placeholder.count if image_placeholder else 0
+    images = image_placeholder.images_in(source) if image_placeholder else 0
     return TokenizedPrefixLm(source, target, images)
 
 

@@ -219,6 +219,10 @@ class ImagePlaceholder:
             ids += copy + [self.token_id] * self.count if piece is None else list(piece)
         return ids
 
+    def images_in(self, ids: list[int]) -> int:
+        """How many images a sequence of ids holds placeholders for."""
+        return ids.count(self.token_id) // self.count
+
 
 def tokenize_conversation(
     tokenizer,
@@ -263,7 +267,7 @@ def tokenize_conversation(
                 f"first exchange alone has {exchange_ends[0]} tokens, more than max_length {max_length}")
         truncated = len(exchange_ends) - len(fitting)
         ids, labels = ids[: fitting[-1]], labels[: fitting[-1]]
-    num_images = ids.count(image_placeholder.token_id) // image_placeholder.count if image_placeholder else 0
+    num_images = image_placeholder.images_in(ids) if image_placeholder else 0
     return TokenizedConversation(ids, labels, truncated, num_images)
 
 

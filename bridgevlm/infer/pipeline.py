@@ -31,11 +31,6 @@ def prompt_ids(loaded: LoadedVlm, template: ConversationTemplate, messages: list
                                  image_placeholder=loaded.placeholder).input_ids
 
 
-def image_tags(loaded: LoadedVlm, ids: list[int]) -> int:
-    """How many images a prompt's ids hold placeholders for."""
-    return ids.count(loaded.placeholder.token_id) // loaded.placeholder.count
-
-
 def prepare_prompts(loaded: LoadedVlm, template: ConversationTemplate, conversations: Sequence[list[dict]],
                     images: Sequence[Sequence[Image.Image]]) -> dict:
     """Left-padded prompt ids, mask and pixel values for conversations that end with a user turn.
@@ -44,7 +39,7 @@ def prepare_prompts(loaded: LoadedVlm, template: ConversationTemplate, conversat
     conversation's last user turn."""
     rows = [prompt_ids(loaded, template, c) for c in conversations]
     for index, (row, imgs) in enumerate(zip(rows, images)):
-        tags = image_tags(loaded, row)
+        tags = loaded.placeholder.images_in(row)
         if tags != len(imgs):
             raise ValueError(f"prompt {index} has {tags} {IMAGE_TAG} tag(s) but {len(imgs)} image(s)")
     ids, mask = left_pad(rows, loaded.tokenizer.pad_token_id)

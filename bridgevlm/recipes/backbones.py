@@ -78,21 +78,21 @@ def make_backbones(recipe: BackboneRecipe, out_dir: str | Path, world_dir: str |
 
     # Each stage resumes from its run directory's checkpoints, so an interrupted build loses nothing.
     results = {}
-    for name, sub_recipe, run in (("clip", recipe.clip, run_clip), ("lm", recipe.lm, run_lm)):
-        sub_recipe.world, sub_recipe.tokenizer = str(world_dir), str(tokenizer_dir)
-        results[name] = run(sub_recipe, out_dir / "runs" / name, progress=progress)
-        made = out_dir / "runs" / name
-        if name == "clip" and recipe.clip_finetune is not None:
-            finetune = recipe.clip_finetune
-            finetune.world, finetune.tokenizer, finetune.pretrained = str(world_dir), str(tokenizer_dir), str(made / "model")
-            first = results[name]
-            results[name] = run(finetune, out_dir / "runs" / "clip_finetune", progress=progress)
-            results[name]["steps"] += first["steps"]
-            made = out_dir / "runs" / "clip_finetune"
+    chains = _run_chains(recipe)
+    for name, chain in chains.items():
+        run, steps, previous = {"clip": run_clip, "lm": run_lm}[name], 0, None
+        for run_name, sub_recipe in chain:
+            sub_recipe.world, sub_recipe.tokenizer = str(world_dir), str(tokenizer_dir)
+            if previous is not None:  # a later run continues from the model of the one before
+                sub_recipe.pretrained = str(previous / "model")
+            result = run(sub_recipe, out_dir / "runs" / run_name, progress=progress)
+            steps += result["steps"]
+            previous = out_dir / "runs" / run_name
+        results[name] = {**result, "steps": steps}
         if not dist.is_main:
             continue
-        _replace_dir(made / "model", out_dir / name)
-        timings[name] = sum(_training_seconds(out_dir / "runs" / run_name) for run_name in _runs_of(recipe, name))
+        _replace_dir(previous / "model", out_dir / name)
+        timings[name] = sum(_training_seconds(out_dir / "runs" / run_name) for run_name, _ in chain)
 
     if not dist.is_main:
         return {}
@@ -116,14 +116,15 @@ def make_backbones(recipe: BackboneRecipe, out_dir: str | Path, world_dir: str |
     }
     write_json(out_dir / "manifest.json", manifest)
     history = {run_name: _read_jsonl(out_dir / "runs" / run_name / "metrics.jsonl")
-               for name in results for run_name in _runs_of(recipe, name)}
+               for chain in chains.values() for run_name, _ in chain}
     write_json(out_dir / "history.json", history, indent=None)
     return manifest
 
 
-def _runs_of(recipe: BackboneRecipe, name: str) -> list[str]:
-    """The run directories (under out_dir/runs) that made backbone `name`."""
-    return [name, "clip_finetune"] if name == "clip" and recipe.clip_finetune is not None else [name]
+def _run_chains(recipe: BackboneRecipe) -> dict[str, list[tuple[str, object]]]:
+    """Per backbone, its runs in order as (directory name under out_dir/runs, recipe)."""
+    clip = [("clip", recipe.clip)] + ([("clip_finetune", recipe.clip_finetune)] if recipe.clip_finetune else [])
+    return {"clip": clip, "lm": [("lm", recipe.lm)]}
 
 
 def evaluate_backbones(backbones_dir: str | Path, world_dir: str | Path, split: str = "test",

@@ -27,7 +27,7 @@ from PIL import Image
 
 from ..data.templates import ConversationTemplate, get_template
 from ..infer.generate import GenerationConfig, next_tokens, open_decoder, sampling_generator
-from ..infer.pipeline import embed_prompts, image_tags, prompt_ids
+from ..infer.pipeline import embed_prompts, prompt_ids
 from ..infer.reply_text import ReplyText
 from ..infer.running_batch import can_join, has_room, join, keep, with_room
 from ..models.assemble import LoadedVlm
@@ -153,7 +153,7 @@ class GenerationEngine:
                 ids = prompt_ids(self.loaded, self.template_for(request), request.messages)
         except (ValueError, KeyError) as error:
             raise PromptError(str(error)) from None
-        tags = image_tags(self.loaded, ids)
+        tags = self.loaded.placeholder.images_in(ids)
         if tags != len(request.images):
             raise PromptError(f"the messages hold {tags} image tag(s) but {len(request.images)} image(s)")
         request.prompt_tokens = len(ids)

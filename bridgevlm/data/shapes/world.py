@@ -30,8 +30,8 @@ from ...io import write_json
 
 from .families import FAMILIES, HELD_IN, HELD_OUT, ask
 from .render import render_scene
-from .scene import (MAX_OBJECTS, COLOURS, SHAPES, Scene, class_prompts, compact_caption, detailed_caption, minimal_caption,
-                    names_objects_uniquely, sample_scene, short_caption)
+from .scene import (MAX_OBJECTS, COLOURS, SHAPES, Scene, class_prompts, compact_caption, detailed_caption,
+                    minimal_caption, names_objects_uniquely, sample_scene, short_caption)
 
 SPLITS = ("train", "val", "test")
 CAPTION_PROMPTS = (
