@@ -32,22 +32,22 @@ def import_llava(path: str | Path, trust_remote_code: bool = False) -> LoadedVlm
     """Load a HF Llava directory (or hub id) as a bridgevlm model with identical outputs."""
     hf = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32)
     config: LlavaConfig = hf.config
-    if not isinstance(config.vision_feature_layer, int):
-        raise ConversionError(f"{path}: vision_feature_layer {config.vision_feature_layer} (several layers) is not supported")
     if config.projector_hidden_act != "gelu" or not getattr(config, "multimodal_projector_bias", True):
         raise ConversionError(f"{path}: only the GELU projector with biases (mlp2x_gelu) is supported")
     select = _SELECT.get(config.vision_feature_select_strategy)
     if select is None:
         raise ConversionError(f"{path}: unknown vision_feature_select_strategy {config.vision_feature_select_strategy!r}")
-    vision = VisionTower(type(hf.model.vision_tower)(config.vision_config), config.vision_feature_layer, select)
+    feature_layer = config.vision_feature_layer  # an int, or a list whose layers are concatenated
+    feature_layer = feature_layer if isinstance(feature_layer, int) else list(feature_layer)
+    vision = VisionTower(type(hf.model.vision_tower)(config.vision_config), feature_layer, select)
     llm = LanguageModel(AutoModelForCausalLM.from_config(config.text_config))
-    connector = MlpConnector(config.vision_config.hidden_size, config.text_config.hidden_size, depth=2)
+    connector = MlpConnector(vision.feature_size, config.text_config.hidden_size, depth=2)
     model = VisionLanguageModel(vision, connector, llm, config.image_token_id)
     state = convert_state(hf.state_dict(), FROM_HF, model.state_dict(), f"import {path}")
     model.load_state_dict(state, strict=True)
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     processor = ImageProcessor.from_pretrained(path, image_size=vision.image_size, aspect="crop")
-    cfg = VlmConfig(vision=VisionTowerConfig("vision", config.vision_feature_layer, select),
+    cfg = VlmConfig(vision=VisionTowerConfig("vision", feature_layer, select),
                     connector=ConnectorConfig("mlp2x_gelu"), llm="llm", image_aspect="crop",
                     image_token_id=config.image_token_id)
     return LoadedVlm(model, tokenizer, processor, cfg)

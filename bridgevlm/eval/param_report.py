@@ -171,7 +171,7 @@ def stage1_report(recipe: Blip2Stage1Recipe) -> tuple[list[StageCount], list[str
     objective reaches frozen, as QFormerPretrainer does)."""
     notes: list[str] = []
     tower = _stage1_tower(recipe, notes)
-    qformer_cfg, objectives = stage1_configs(recipe, tower.hidden_size, notes)
+    qformer_cfg, objectives = stage1_configs(recipe, tower.feature_size, notes)
     with torch.device("meta"):
         model = QFormerPretrainer(tower, QFormer(qformer_cfg), objectives)
     return [StageCount("stage1", count_parameters(model, module_part_names(model)))], notes

@@ -124,8 +124,8 @@ def build_vlm(cfg: VlmConfig, base_dir: str | Path | None = None, trust_remote_c
     if connector_cfg.init:
         stage1_dir = stage1_model_dir(_resolve(connector_cfg.init, base_dir))
         connector_cfg = replace(connector_cfg, init=str(stage1_dir), qformer=stage1_qformer_config(
-            connector_cfg.qformer, stage1_dir, vision_cfg, vision.hidden_size))
-    connector = build_connector(connector_cfg, vision.hidden_size, llm.config.hidden_size)
+            connector_cfg.qformer, stage1_dir, vision_cfg, vision.feature_size))
+    connector = build_connector(connector_cfg, vision.feature_size, llm.config.hidden_size)
     qformer_tokenizer = None
     if stage1_dir is not None:
         if connector_cfg.init_weights:

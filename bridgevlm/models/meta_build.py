@@ -129,8 +129,8 @@ def build_vlm_meta(cfg: VlmConfig, base_dir: str | Path | None = None,
             notes.append(f"{llm_path}: counted with its own output head (its checkpoint stores one, which loading "
                          f"keeps apart from the input embeddings)")
         llm = wrapper(hf_llm)
-        connector_cfg = _connector_config(cfg.connector, vision_cfg, vision.hidden_size, base_dir, stage1, notes)
-        connector = build_connector(connector_cfg, vision.hidden_size, llm.config.hidden_size)
+        connector_cfg = _connector_config(cfg.connector, vision_cfg, vision.feature_size, base_dir, stage1, notes)
+        connector = build_connector(connector_cfg, vision.feature_size, llm.config.hidden_size)
         model = VisionLanguageModel(vision, connector, llm, FALLBACK_IMAGE_TOKEN_ID)
     return MetaVlm(model, replace(cfg, vision=vision_cfg, connector=connector_cfg), notes)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 from torch import nn
@@ -33,21 +33,25 @@ def vision_model_class(model_type: str) -> type:
 @dataclass
 class VisionTowerConfig:
     path: str = ""  # a local model directory or hub id (CLIP, SigLIP, or any AutoModel vision encoder)
-    feature_layer: int = -2  # index into the hidden states (0 = embeddings); LLaVA uses the penultimate layer
+    # Index into the hidden states (0 = embeddings); LLaVA uses the penultimate layer. A list takes several
+    # layers, concatenated along the channels in the order given (HF Llava's `vision_feature_layer` list).
+    feature_layer: int | list[int] = -2
     select: Literal["patch", "full"] = "patch"  # "patch" drops the CLS token where the encoder has one
     post_norm: bool = False  # apply the encoder's final LayerNorm to the selected layer (BLIP-2: layer -1, "full")
 
 
 class VisionTower(nn.Module):
-    """pixel_values [B, 3, H, W] -> features [B, N, Dv] from hidden layer `feature_layer`
+    """pixel_values [B, 3, H, W] -> features [B, N, Dv·L] from the L hidden layers `feature_layer` names
     (LayerNorm-ed by the encoder's `post_layernorm` with `post_norm`)."""
 
-    def __init__(self, model: nn.Module, feature_layer: int = -2, select: str = "patch", post_norm: bool = False):
+    def __init__(self, model: nn.Module, feature_layer: int | Sequence[int] = -2, select: str = "patch",
+                 post_norm: bool = False):
         super().__init__()
         if select not in ("patch", "full"):
             raise ValueError(f"unknown vision feature selection {select!r}; valid: patch, full")
         self.model = model
-        self.feature_layer = feature_layer
+        self.feature_layer = feature_layer if isinstance(feature_layer, int) else list(feature_layer)
+        self.feature_layers = (feature_layer,) if isinstance(feature_layer, int) else tuple(feature_layer)
         self.select = select
         self.post_norm = post_norm
         if post_norm and _post_layernorm(model) is None:
@@ -55,9 +59,12 @@ class VisionTower(nn.Module):
                              f"{type(model).__name__} has none")
         config = self.vision_config
         layers = config.num_hidden_layers
-        if not -(layers + 1) <= feature_layer <= layers:
-            raise ValueError(f"feature_layer {feature_layer} is out of range for a {layers}-layer vision "
-                             f"encoder (valid: {-(layers + 1)} .. {layers})")
+        if not self.feature_layers:
+            raise ValueError("feature_layer is an empty list; name at least one hidden layer")
+        for layer in self.feature_layers:
+            if not -(layers + 1) <= layer <= layers:
+                raise ValueError(f"feature_layer {layer} is out of range for a {layers}-layer vision "
+                                 f"encoder (valid: {-(layers + 1)} .. {layers})")
 
     @classmethod
     def from_pretrained(cls, cfg: VisionTowerConfig, dtype: torch.dtype | None = None,
@@ -99,6 +106,11 @@ class VisionTower(nn.Module):
         return self.vision_config.hidden_size
 
     @property
+    def feature_size(self) -> int:
+        """Channels of a feature token: the encoder's width times the number of layers taken."""
+        return self.hidden_size * len(self.feature_layers)
+
+    @property
     def has_cls_token(self) -> bool:
         return self.vision_config.model_type in _WITH_CLS_TOKEN
 
@@ -119,9 +131,10 @@ class VisionTower(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         dtype = next(self.model.parameters()).dtype
         out = self.model(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
-        features = out.hidden_states[self.feature_layer]  # [B, N(+1), Dv]
+        chosen = [out.hidden_states[layer] for layer in self.feature_layers]  # each [B, N(+1), Dv]
         if self.post_norm:
-            features = _post_layernorm(self.model)(features)
+            chosen = [_post_layernorm(self.model)(h) for h in chosen]
+        features = chosen[0] if len(chosen) == 1 else torch.cat(chosen, dim=-1)
         if self.select == "patch" and self.has_cls_token:
             features = features[:, 1:]
         return features

@@ -198,7 +198,7 @@ def run_blip2_stage1(recipe: Blip2Stage1Recipe, run_dir: str | Path, progress: b
                               run_dir / "feature_cache", dist, progress)
 
     seed_everything(recipe.train.seed)  # before building: initial weights depend on it
-    model = build_pretrainer(recipe, tokenizer, None if cache else tower, tower.hidden_size)
+    model = build_pretrainer(recipe, tokenizer, None if cache else tower, tower.feature_size)
     max_length = model.config.max_text_length
     dataset = CaptionSamples(pairs, images, tokenizer, max_length, cache, processor)
     evaluate = None

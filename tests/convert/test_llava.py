@@ -13,8 +13,9 @@ from bridgevlm.infer.generate import GenerationConfig, generate
 from bridgevlm.models.assemble import VlmConfig, build_vlm, export_vlm, load_vlm
 
 
-@pytest.fixture(scope="module")
-def hf_llava_dir(tokenizer, tmp_path_factory, single_thread):
+# One hidden layer, and two taken out of order (HF concatenates them along the channels as listed).
+@pytest.fixture(scope="module", params=[-2, [-1, -3]], ids=["one_layer", "two_layers"])
+def hf_llava_dir(request, tokenizer, tmp_path_factory, single_thread):
     torch.manual_seed(0)
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
@@ -23,7 +24,7 @@ def hf_llava_dir(tokenizer, tmp_path_factory, single_thread):
                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                 bos_token_id=tokenizer.bos_token_id),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), image_seq_length=16, vision_feature_layer=-2)
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), image_seq_length=16, vision_feature_layer=request.param)
     model = LlavaForConditionalGeneration(config)
     with torch.no_grad():  # decisive logits, so greedy comparisons are not decided by rounding
         model.lm_head.weight.mul_(20)

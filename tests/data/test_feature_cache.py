@@ -12,6 +12,7 @@ from bridgevlm.config import from_dict
 from bridgevlm.data.feature_cache import FEATURES, INDEX, FeatureCache
 from bridgevlm.data.images import ImageLoadError
 from bridgevlm.models.assemble import VlmConfig, build_vlm
+from bridgevlm.models.vision import VisionTower
 
 
 @pytest.fixture
@@ -51,6 +52,8 @@ def test_fingerprint_changes_with_weights_or_preprocessing(parts, tmp_path):
     first = FeatureCache.for_tower(tmp_path, tower, processor).directory
     other_aspect = dataclasses.replace(processor, aspect="crop" if processor.aspect == "pad" else "pad")
     assert FeatureCache.for_tower(tmp_path, tower, other_aspect).directory != first
+    two_layers = VisionTower(tower.model, feature_layer=[tower.feature_layer, -1], select=tower.select)
+    assert FeatureCache.for_tower(tmp_path, two_layers, processor).directory != first
     with torch.no_grad():
         next(tower.parameters()).add_(1e-3)
     assert FeatureCache.for_tower(tmp_path, tower, processor).directory != first

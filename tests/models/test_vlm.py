@@ -160,3 +160,18 @@ def test_pooled_vlm_splices_fewer_tokens(vlm_parts, tmp_path, single_thread):
     batch = _batch(loaded, tmp_path, RECORDS)
     assert (batch["input_ids"] == loaded.model.image_token_id).sum(1).tolist() == [4, 0, 4]
     assert torch.isfinite(loaded.model(batch).loss_sum)
+
+
+def test_several_vision_layers_widen_the_connector_input_and_survive_save_load(vlm_parts, tmp_path, single_thread):
+    parts = {**vlm_parts, "vision": {**vlm_parts["vision"], "feature_layer": [-2, -1]}}
+    loaded = build_vlm(from_dict(VlmConfig, parts))
+    assert loaded.model.connector.layers[0].in_features == 2 * loaded.model.vision.hidden_size
+    batch = _batch(loaded, tmp_path, RECORDS)
+    loaded.model.eval()
+    with torch.no_grad():
+        before = loaded.model.logits(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        save_vlm(loaded, tmp_path / "saved")
+        again = load_vlm(tmp_path / "saved")
+        assert again.model.vision.feature_layer == [-2, -1]
+        after = again.model.eval().logits(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    assert torch.equal(before, after)
