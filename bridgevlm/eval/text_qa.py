@@ -29,20 +29,27 @@ def prompt_messages(context_text: str, item: dict) -> list[dict]:
 @torch.no_grad()
 def greedy_answers(model, tokenizer, template: ConversationTemplate, prompts: list[list[dict]],
                    max_new_tokens: int = 12, batch_size: int = 64) -> list[str]:
-    """Greedy answers for text prompts, batched with left padding."""
-    answers = []
+    """Greedy answers for text prompts, batched with left padding; prompts of similar length share a
+    batch, so little padding is computed."""
     hf_model = model.model if isinstance(model, LanguageModel) else model
     hf_model.eval()
-    for start in range(0, len(prompts), batch_size):
-        chunk = [tokenize_conversation(tokenizer, template, p, add_generation_prompt=True).input_ids
-                 for p in prompts[start:start + batch_size]]
-        ids, mask = left_pad(chunk, tokenizer.pad_token_id)
+    device = next(hf_model.parameters()).device
+    encoded = [tokenize_conversation(tokenizer, template, p, add_generation_prompt=True).input_ids for p in prompts]
+    answers: list[str] = [""] * len(prompts)
+    for rows in length_batches([len(ids) for ids in encoded], batch_size):
+        ids, mask = left_pad([encoded[i] for i in rows], tokenizer.pad_token_id)
         width = ids.shape[1]
-        device = next(hf_model.parameters()).device
-        out = hf_model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        answers += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out.cpu()]
+        out = hf_model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                                do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        for i, row in zip(rows, out.cpu()):
+            answers[i] = tokenizer.decode(row[width:], skip_special_tokens=True).strip()
     return answers
+
+
+def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices into `lengths` in batches of at most `batch_size`, longest first, each batch of similar lengths."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 def scene_descriptions(world_dir: str | Path, split: str, scene_text: str = "detailed") -> dict[str, str]:

@@ -23,7 +23,7 @@ from ..data.shapes.scene import MAX_OBJECTS
 from ..data.shapes.world import scene_keys, text_conversations
 from ..data.templates import IGNORE_INDEX, get_template, tokenize_conversation
 from ..data.conversations import ConversationDataset, PadCollator
-from ..eval.text_qa import evaluate_text_qa, prompt_messages, scene_descriptions
+from ..eval.text_qa import evaluate_text_qa, length_batches, prompt_messages, scene_descriptions
 from ..io import write_json
 from ..models.llm import LanguageModel, TinyLlamaConfig, build_tiny_llama, grow_layers
 from ..train.distributed import barrier, init_distributed
@@ -212,8 +212,8 @@ def answer_perplexity(model: LanguageModel, tokenizer, template, world: str | Pa
     collate = PadCollator(tokenizer.pad_token_id)
     model.eval()
     total, count = 0.0, 0
-    for start in range(0, len(samples), batch_size):
-        batch = collate(samples[start:start + batch_size])
+    for rows in length_batches([len(s["input_ids"]) for s in samples], batch_size):
+        batch = collate([samples[i] for i in rows])
         device = next(model.parameters()).device
         out = model({k: v.to(device) for k, v in batch.items()})
         total += out.loss_sum.item()

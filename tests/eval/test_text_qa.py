@@ -7,7 +7,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 import bridgevlm.eval.text_qa as text_qa
 from bridgevlm.data.shapes.families import FAMILIES
 from bridgevlm.data.templates import get_template, tokenize_conversation
-from bridgevlm.eval.text_qa import evaluate_text_qa, greedy_answers, prompt_messages
+from bridgevlm.eval.text_qa import evaluate_text_qa, greedy_answers, length_batches, prompt_messages
 from bridgevlm.models.llm import LanguageModel
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -67,6 +67,15 @@ def test_batched_left_padded_answers_equal_one_at_a_time(random_lm, tokenizer, s
     assert len(one) == len(prompts)
     assert batched == one
     assert len(set(one)) > len(one) // 2  # distinct, mostly non-empty answers: the comparison has teeth
+
+
+def test_length_batches_cover_every_index_once_longest_first():
+    lengths = [5, 9, 1, 9, 3, 7, 2]
+    batches = length_batches(lengths, 3)
+    assert [len(b) for b in batches] == [3, 3, 1]
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    flat = [lengths[i] for b in batches for i in b]
+    assert flat == sorted(lengths, reverse=True)
 
 
 def test_greedy_answer_equals_a_hand_written_greedy_loop(random_lm, tokenizer, shapes_world):
