@@ -126,7 +126,7 @@ def test_the_shapes_crome_recipe_and_its_whole_bridge_variant_parse():
         ("frozen", "full", "frozen", ["adapter"])]
     generative, pretrain, instruct, finetune = crome.stages
     for captions in (generative, pretrain):
-        assert captions.data.path == "{world}/captions/train.json" and captions.data.template == "plain"
+        assert captions.data.path == "{world}/captions/train.json" and captions.data.template is None  # the LM's own
     assert [s.path for s in instruct.data.sources] == [f"{{world}}/tasks/{f}/train.json" for f in HELD_IN]
     assert instruct.train.batch_size == 16 and finetune.data.path == "{world}/tasks/position/train.json"
     assert all(s.cache_vision_features for s in crome.stages) and crome.eval.rank_candidates
