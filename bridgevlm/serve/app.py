@@ -31,6 +31,9 @@ class BodyTooLarge(Exception):
     pass
 
 
+DISCARD_FACTOR = 4  # a refused body is read and dropped up to this many times the limit, then the connection closes
+
+
 class BodySizeLimit:
     """ASGI middleware: a request body over `limit` bytes gets 413 before the app reads it all, whether
     or not the client declared its length."""
@@ -43,6 +46,7 @@ class BodySizeLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._discard_rest(receive, 0)
             return await _send_json(send, 413, self._message())
         seen = 0
         started = False
@@ -65,7 +69,19 @@ class BodySizeLimit:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
             if not started:
+                await self._discard_rest(receive, seen)
                 await _send_json(send, 413, self._message())
+
+    async def _discard_rest(self, receive, seen: int) -> None:
+        """Read and drop the rest of a refused body, up to a few times the limit: a client still sending
+        when the 413 comes and the connection closes would see a broken pipe instead of the reason."""
+        more = True
+        while more and seen <= DISCARD_FACTOR * self.limit:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            seen += len(message.get("body", b""))
+            more = message.get("more_body", False)
 
     def _message(self) -> dict:
         return error_body(413, f"the request body is larger than {self.limit} bytes (this server's limit); send "
