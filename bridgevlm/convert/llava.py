@@ -37,9 +37,8 @@ def import_llava(path: str | Path, trust_remote_code: bool = False) -> LoadedVlm
     select = _SELECT.get(config.vision_feature_select_strategy)
     if select is None:
         raise ConversionError(f"{path}: unknown vision_feature_select_strategy {config.vision_feature_select_strategy!r}")
-    feature_layer = config.vision_feature_layer  # an int, or a list whose layers are concatenated
-    feature_layer = feature_layer if isinstance(feature_layer, int) else list(feature_layer)
-    vision = VisionTower(type(hf.model.vision_tower)(config.vision_config), feature_layer, select)
+    # an int, or a list of layers whose features are concatenated
+    vision = VisionTower(type(hf.model.vision_tower)(config.vision_config), config.vision_feature_layer, select)
     llm = LanguageModel(AutoModelForCausalLM.from_config(config.text_config))
     connector = MlpConnector(vision.feature_size, config.text_config.hidden_size, depth=2)
     model = VisionLanguageModel(vision, connector, llm, config.image_token_id)
@@ -47,7 +46,7 @@ def import_llava(path: str | Path, trust_remote_code: bool = False) -> LoadedVlm
     model.load_state_dict(state, strict=True)
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     processor = ImageProcessor.from_pretrained(path, image_size=vision.image_size, aspect="crop")
-    cfg = VlmConfig(vision=VisionTowerConfig("vision", feature_layer, select),
+    cfg = VlmConfig(vision=VisionTowerConfig("vision", vision.feature_layer, select),
                     connector=ConnectorConfig("mlp2x_gelu"), llm="llm", image_aspect="crop",
                     image_token_id=config.image_token_id)
     return LoadedVlm(model, tokenizer, processor, cfg)
