@@ -51,7 +51,6 @@ class VisionTower(nn.Module):
             raise ValueError(f"unknown vision feature selection {select!r}; valid: patch, full")
         self.model = model
         self.feature_layer = feature_layer if isinstance(feature_layer, int) else list(feature_layer)
-        self.feature_layers = (feature_layer,) if isinstance(feature_layer, int) else tuple(feature_layer)
         self.select = select
         self.post_norm = post_norm
         if post_norm and _post_layernorm(model) is None:
@@ -104,6 +103,12 @@ class VisionTower(nn.Module):
     @property
     def hidden_size(self) -> int:
         return self.vision_config.hidden_size
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        """The hidden layers taken, in order (`feature_layer` as given: an int or a list)."""
+        layer = self.feature_layer
+        return (layer,) if isinstance(layer, int) else tuple(layer)
 
     @property
     def feature_size(self) -> int:

@@ -212,9 +212,9 @@ def answer_perplexity(model: LanguageModel, tokenizer, template, world: str | Pa
     collate = PadCollator(tokenizer.pad_token_id)
     model.eval()
     total, count = 0.0, 0
+    device = next(model.parameters()).device
     for rows in length_batches([len(s["input_ids"]) for s in samples], batch_size):
         batch = collate([samples[i] for i in rows])
-        device = next(model.parameters()).device
         out = model({k: v.to(device) for k, v in batch.items()})
         total += out.loss_sum.item()
         count += int(out.num_targets)
