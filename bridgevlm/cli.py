@@ -11,6 +11,11 @@ from . import __version__
 
 # The recipe tasks `train` accepts (bridgevlm.recipes.registry.RECIPES; spelled out so --help stays fast).
 RECIPE_TASKS = ("clip", "lm", "backbones", "vlm", "blip2_stage1")
+# What `quickstart --bridge` trains (bridgevlm.quickstart.BRIDGES) and the recipe names --bridge-recipe takes
+# (bridgevlm.quickstart.RECIPES), spelled out for the same reason.
+QUICKSTART_BRIDGES = ("llava", "qformer", "crome", "partial_lora", "flamingo")
+QUICKSTART_RECIPES = ("llava", "blip2_stage1", "instructblip", "multitask_plain", "multitask_prefix", "crome",
+                      "crome_bridge_finetune", "partial_lora", "flamingo")
 
 EXAMPLES = """examples:
   bridgevlm quickstart --out runs/quickstart          world, shipped backbones, evaluation, report
@@ -27,7 +32,8 @@ EXAMPLES = """examples:
   bridgevlm train configs/shapes/crome.yaml --out runs/crome world=runs/quickstart/world model.connector.init=runs/blip2_stage1
   bridgevlm train configs/shapes/partial_lora.yaml --out runs/plora world=runs/quickstart/world
   bridgevlm train configs/shapes/flamingo.yaml --out runs/flamingo world=runs/quickstart/world
-  bridgevlm quickstart --out runs/qs-qformer --bridge qformer --qformer-studies   BLIP-2 + InstructBLIP, ablation
+  bridgevlm quickstart --out runs/qs-qformer --bridge qformer --studies   BLIP-2 + InstructBLIP, ablation
+  bridgevlm quickstart --out runs/qs-all --bridge all --studies   every bridge, the papers' controls, a comparison
   bridgevlm chat runs/llava --image runs/quickstart/world/images/test/test_000000.png
   bridgevlm serve runs/llava --port 8000        OpenAI-compatible API at /v1, chat page at /
   bridgevlm export runs/llava --out exported/llava-shapes            (LoRA merged, standalone)
@@ -91,28 +97,29 @@ def _add_eval(sub) -> None:
 def _add_quickstart(sub) -> None:
     p = sub.add_parser("quickstart", help="the whole pipeline on the embedded default, with a report",
                        description="Generate the world, load the shipped tiny backbones (or make them with "
-                                   "--from-scratch), evaluate them, train and evaluate a bridge on them (LLaVA by "
-                                   "default; --bridge qformer: BLIP-2 stage 1 then InstructBLIP), and write "
-                                   "DIR/report.json and DIR/report.md.")
+                                   "--from-scratch), evaluate them, train and evaluate bridges on them (LLaVA by "
+                                   "default; --bridge picks others, each through its configs/shapes recipe), and "
+                                   "write DIR/report.json and DIR/report.md.")
     p.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="output directory (default runs/quickstart)")
     p.add_argument("--from-scratch", action="store_true", help="pretrain the tiny CLIP and LM instead of loading them")
     p.add_argument("--budget", type=float, default=1.0, help="multiplier on every training stage's steps (default 1)")
     p.add_argument("--backbones", type=Path, default=None, help="backbones directory to load (default: the shipped ones)")
     p.add_argument("--recipe", type=Path, default=None, help="backbone recipe for --from-scratch")
-    p.add_argument("--llava-recipe", type=Path, default=None,
-                   help="recipe for the LLaVA stages (default configs/shapes/llava.yaml)")
-    p.add_argument("--bridge", choices=["llava", "qformer", "all", "none"], default="llava",
-                   help="what to train after the backbones: llava (LLaVA-1.5, the default), qformer (BLIP-2 stage 1, "
-                        "then InstructBLIP; about 40 minutes, most of it stage 1), all, or none (stop after the backbones)")
-    p.add_argument("--stage1-recipe", type=Path, default=None,
-                   help="recipe for BLIP-2 stage 1 with --bridge qformer (default configs/shapes/blip2_stage1.yaml)")
-    p.add_argument("--instructblip-recipe", type=Path, default=None,
-                   help="recipe for InstructBLIP with --bridge qformer (default configs/shapes/instructblip.yaml)")
-    p.add_argument("--skip-llava", action="store_true", help="the same as --bridge none")
-    p.add_argument("--qformer-studies", action="store_true",
-                   help="with the qformer bridge, also run InstructBLIP's ablation (multitask training on plain and "
-                        "on [Task:Dataset]-tagged inputs) and InstructBLIP with BLIP-2 stage 1 skipped (about 3 "
-                        "more InstructBLIP trainings)")
+    p.add_argument("--bridge", type=_bridge_list, default=("llava",), metavar="BRIDGES",
+                   help="what to train after the backbones, comma-separated: llava (LLaVA-1.5, the default, about 5 "
+                        "minutes), qformer (BLIP-2 stage 1, then InstructBLIP; about 40 minutes, most of it stage 1), "
+                        "crome (BLIP-2 stage 1, then CROME's stages), partial_lora, flamingo (about 10 minutes each); "
+                        "all, or none (stop after the backbones). With two or more, the report compares them.")
+    p.add_argument("--bridge-recipe", action="append", default=[], metavar="NAME=PATH",
+                   type=_recipe_choice,
+                   help="run another recipe for one of the quickstart's steps (repeatable). NAME: "
+                        f"{', '.join(QUICKSTART_RECIPES)} (default: configs/shapes/NAME.yaml; the ablation's "
+                        "under configs/shapes/instructblip_ablation/)")
+    p.add_argument("--studies", action="store_true",
+                   help="also run the papers' controls for the bridges chosen: for qformer, InstructBLIP's ablation "
+                        "(multitask training on plain and on [Task:Dataset]-tagged inputs) and InstructBLIP with "
+                        "BLIP-2 stage 1 skipped (3 more instruction tunings); for crome, its task fine-tuning of the "
+                        "whole bridge against the adapter alone (one more stage)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -312,22 +319,39 @@ def _eval(args) -> int:
 def _quickstart(args) -> int:
     from .quickstart import QuickstartOptions, run_quickstart
 
-    bridges = {"llava": ("llava",), "qformer": ("qformer",), "all": ("llava", "qformer"), "none": ()}[args.bridge]
     options = QuickstartOptions(out=args.out, from_scratch=args.from_scratch, budget=args.budget,
-                                bridges=() if args.skip_llava else bridges, qformer_studies=args.qformer_studies,
+                                bridges=args.bridge, studies=args.studies, recipes=dict(args.bridge_recipe),
                                 progress=not args.no_progress)
-    if args.llava_recipe:
-        options.llava_recipe = args.llava_recipe
-    if args.stage1_recipe:
-        options.qformer_stage1_recipe = args.stage1_recipe
-    if args.instructblip_recipe:
-        options.instructblip_recipe = args.instructblip_recipe
     if args.backbones:
         options.backbones = args.backbones
     if args.recipe:
         options.recipe = args.recipe
     run_quickstart(options)
     return 0
+
+
+def _bridge_list(text: str) -> tuple[str, ...]:
+    """--bridge: comma-separated bridge names, or all, or none."""
+    if text == "all":
+        return QUICKSTART_BRIDGES
+    if text == "none":
+        return ()
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in QUICKSTART_BRIDGES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown bridge {', '.join(unknown) or repr(text)}; choose from "
+                                         f"{', '.join(QUICKSTART_BRIDGES)}, all or none (comma-separated)")
+    return names
+
+
+def _recipe_choice(text: str) -> tuple[str, Path]:
+    """--bridge-recipe NAME=PATH."""
+    name, sep, path = text.partition("=")
+    if not sep or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    if name not in QUICKSTART_RECIPES:
+        raise argparse.ArgumentTypeError(f"unknown recipe name {name!r}; choose from {', '.join(QUICKSTART_RECIPES)}")
+    return name, Path(path)
 
 
 def _generation(args):

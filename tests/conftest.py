@@ -1,6 +1,8 @@
 """Shared fixtures: a small byte-level BPE tokenizer trained once per session."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bridgevlm.data.templates import VICUNA_SYSTEM
@@ -79,46 +81,39 @@ class _Tiny:
                                     **TINY_LM_DATA, "train": {**TINY_TRAIN, **train}})
 
     @staticmethod
-    def llava_recipe(path, steps: int = 3):
-        """configs/shapes/llava.yaml with seconds-long stages (a progress evaluation every 2 steps)."""
+    def quickstart_recipes(directory, steps: int = 2) -> dict:
+        """The quickstart's recipes (bridgevlm.quickstart.RECIPES) with tiny bridges and seconds-long stages,
+        written into `directory` (variants that extend another extend the tiny copy). Returns {name: path}."""
         import yaml
 
-        from bridgevlm.quickstart import LLAVA_RECIPE
+        from bridgevlm.quickstart import RECIPES
 
-        recipe = yaml.safe_load(LLAVA_RECIPE.read_text())
-        for stage in recipe["stages"]:
-            stage["train"].update(batch_size=4, max_steps=steps, eval_every=2, log_every=1)
-        recipe["eval"].update(limit_per_family=2, progress_limit_per_family=1)
-        path.write_text(yaml.safe_dump(recipe))
-        return path
-
-    @staticmethod
-    def qformer_recipes(directory, steps: int = 2):
-        """configs/shapes/{blip2_stage1,instructblip}.yaml with a tiny Q-Former and seconds-long stages,
-        and the ablation's variants over the latter. Returns (stage-1 path, InstructBLIP path, {variant: path})."""
-        import yaml
-
-        from bridgevlm.quickstart import ABLATION_RECIPES, INSTRUCTBLIP_RECIPE, QFORMER_STAGE1_RECIPE
-
-        stage1 = yaml.safe_load(QFORMER_STAGE1_RECIPE.read_text())
-        stage1["qformer"].update(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, num_query_tokens=4)
-        stage1["objectives"].update(embed_dim=16)
-        stage1["eval"]["retrieval"].update(rerank_top_k=4)
-        stage1["train"].update(batch_size=8, max_steps=steps, eval_every=steps, save_every=steps, log_every=1)
-        instruct = yaml.safe_load(INSTRUCTBLIP_RECIPE.read_text())
-        for stage in instruct["stages"]:
-            stage["train"].update(batch_size=4, max_steps=steps, eval_every=steps, log_every=1)
-            stage["data"].pop("samples_per_epoch", None)
-        instruct["eval"].update(limit_per_family=2, progress_limit_per_family=1)
-        paths = directory / "blip2_stage1.yaml", directory / "instructblip.yaml"
-        for path, recipe in zip(paths, (stage1, instruct)):
-            path.write_text(yaml.safe_dump(recipe))
-        variants = {}
-        for name, source in ABLATION_RECIPES.items():
-            variant = {**yaml.safe_load(source.read_text()), "extends": paths[1].name}
-            variants[name] = directory / f"{name}.yaml"
-            variants[name].write_text(yaml.safe_dump(variant))
-        return (*paths, variants)
+        tiny_connector = {"partial_lora": {"rank": 4, "alpha": 4.0},
+                          "gated_xattn": {"num_latents": 4, "resampler_layers": 1, "resampler_heads": 2,
+                                          "resampler_head_dim": 8, "heads": 2, "head_dim": 8},
+                          "adapter": {"bottleneck": 4}}
+        paths = {}
+        for name, source in RECIPES.items():
+            recipe = yaml.safe_load(source.read_text())
+            if name == "blip2_stage1":
+                recipe["qformer"].update(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                                         num_query_tokens=4)
+                recipe["objectives"].update(embed_dim=16)
+                recipe["eval"]["retrieval"].update(rerank_top_k=4)
+                recipe["train"].update(batch_size=8, max_steps=steps, eval_every=steps, save_every=steps, log_every=1)
+            elif "extends" in recipe:  # a variant: only what differs, over its base's tiny copy
+                recipe["extends"] = Path(recipe["extends"]).name
+            else:
+                for key, value in tiny_connector.items():
+                    if key in recipe["model"]["connector"]:
+                        recipe["model"]["connector"][key].update(value)
+                for stage in recipe["stages"]:
+                    stage["train"].update(batch_size=4, max_steps=steps, eval_every=2, log_every=1)
+                    stage["data"].pop("samples_per_epoch", None)
+                recipe["eval"].update(limit_per_family=2, progress_limit_per_family=1)
+            paths[name] = directory / source.name
+            paths[name].write_text(yaml.safe_dump(recipe))
+        return paths
 
     @staticmethod
     def backbones(steps: int = 3):

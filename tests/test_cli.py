@@ -31,9 +31,9 @@ def test_top_level_help_lists_the_commands_and_examples(capsys):
     ("chat", ["model", "--image", "--max-new-tokens", "--temperature", "--top-p", "--num-beams", "/reset"]),
     ("export", ["model", "--out", "--format", "LoRA"]),
     ("convert", ["source", "--out", "Llava"]),
-    ("quickstart", ["--out", "--from-scratch", "--budget", "--backbones", "--recipe", "--llava-recipe", "--skip-llava",
-                    "--bridge", "{llava,qformer,all,none}", "--stage1-recipe", "--instructblip-recipe",
-                    "--qformer-studies", "--no-progress"]),
+    ("quickstart", ["--out", "--from-scratch", "--budget", "--backbones", "--recipe", "--bridge", "qformer", "crome",
+                    "partial_lora", "flamingo", "all", "none", "--bridge-recipe", "NAME=PATH", "crome_bridge_finetune",
+                    "--studies", "--no-progress"]),
 ])
 def test_subcommand_help_mentions_its_options(capsys, command, options):
     text = _help(capsys, [command])
@@ -124,24 +124,45 @@ def test_eval_with_a_missing_world_is_a_clear_error(tiny_backbones, tmp_path, ca
 
 def test_quickstart_with_given_backbones(tiny_backbones, tiny, tmp_path):
     out = tmp_path / "qs"
-    llava = tiny.llava_recipe(tmp_path / "llava.yaml")
-    assert main(["quickstart", "--out", str(out), "--backbones", str(tiny_backbones), "--llava-recipe", str(llava),
-                 "--no-progress"]) == 0
+    recipes = tiny.quickstart_recipes(tmp_path)
+    assert main(["quickstart", "--out", str(out), "--backbones", str(tiny_backbones),
+                 "--bridge-recipe", f"llava={recipes['llava']}", "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert set(report["metrics"]) == {"clip", "lm", "llava"}
-    assert main(["quickstart", "--out", str(tmp_path / "qs2"), "--backbones", str(tiny_backbones), "--skip-llava",
+    assert main(["quickstart", "--out", str(tmp_path / "qs2"), "--backbones", str(tiny_backbones), "--bridge", "none",
                  "--no-progress"]) == 0
     assert set(json.loads((tmp_path / "qs2/report.json").read_text())["metrics"]) == {"clip", "lm"}
     assert str(tiny_backbones) in (out / "report.md").read_text()
 
 
-def test_quickstart_with_the_qformer_bridge(tiny_backbones, tiny, tmp_path):
-    stage1, instructblip, _ = tiny.qformer_recipes(tmp_path)
+def test_quickstart_with_two_bridges_and_their_recipes(tiny_backbones, tiny, tmp_path):
+    recipes = tiny.quickstart_recipes(tmp_path)
     out = tmp_path / "qs"
-    assert main(["quickstart", "--out", str(out), "--backbones", str(tiny_backbones), "--bridge", "qformer",
-                 "--stage1-recipe", str(stage1), "--instructblip-recipe", str(instructblip), "--no-progress"]) == 0
+    chosen = [f"{name}={recipes[name]}" for name in ("blip2_stage1", "instructblip", "flamingo")]
+    assert main(["quickstart", "--out", str(out), "--backbones", str(tiny_backbones), "--bridge", "flamingo,qformer",
+                 *(arg for item in chosen for arg in ("--bridge-recipe", item)), "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert set(report["metrics"]) == {"clip", "lm", "blip2_stage1", "instructblip"}
+    assert set(report["metrics"]) == {"clip", "lm", "blip2_stage1", "instructblip", "flamingo"}
+    assert "## Bridges compared" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--bridge", "llava,clip"], "unknown bridge clip; choose from llava, qformer, crome, partial_lora, flamingo"),
+    (["--bridge-recipe", "llava"], "expected NAME=PATH"),
+    (["--bridge-recipe", "lava=x.yaml"], "unknown recipe name 'lava'; choose from llava, blip2_stage1"),
+])
+def test_quickstart_bad_bridge_options_are_named(args, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        main(["quickstart", "--out", str(tmp_path / "qs"), *args])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_cli_spells_the_quickstart_names_as_the_quickstart_does():
+    from bridgevlm.cli import QUICKSTART_BRIDGES, QUICKSTART_RECIPES
+    from bridgevlm.quickstart import BRIDGES, RECIPES
+
+    assert QUICKSTART_BRIDGES == tuple(BRIDGES) and QUICKSTART_RECIPES == tuple(RECIPES)
 
 
 def test_eval_with_missing_model_dir_is_a_clear_error(tmp_path, capsys, shapes_world):

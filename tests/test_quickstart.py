@@ -15,9 +15,9 @@ LM_KEYS = ("perplexity", "text_qa_accuracy")
 @pytest.fixture(scope="module")
 def quickstart(tiny_backbones, tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("quickstart")
-    llava = tiny.llava_recipe(tmp_path_factory.mktemp("recipes") / "llava.yaml")
-    data = run_quickstart(QuickstartOptions(out=out, backbones=tiny_backbones, llava_recipe=llava, progress=False))
-    return out, data, llava
+    recipes = {"llava": tiny.quickstart_recipes(tmp_path_factory.mktemp("recipes"), steps=3)["llava"]}
+    data = run_quickstart(QuickstartOptions(out=out, backbones=tiny_backbones, recipes=recipes, progress=False))
+    return out, data, recipes
 
 
 def test_report_json(quickstart, tiny_backbones, tiny):
@@ -63,9 +63,9 @@ def test_loss_figures_are_pngs(quickstart):
 
 
 def test_rerun_reuses_the_world(quickstart, tiny_backbones):
-    out, data, llava = quickstart
+    out, data, recipes = quickstart
     world = (out / "world" / "world.json").stat().st_mtime_ns
-    again = run_quickstart(QuickstartOptions(out=out, backbones=tiny_backbones, llava_recipe=llava, progress=False))
+    again = run_quickstart(QuickstartOptions(out=out, backbones=tiny_backbones, recipes=recipes, progress=False))
     assert (out / "world" / "world.json").stat().st_mtime_ns == world
     assert again["metrics"] == data["metrics"]
 
@@ -90,28 +90,33 @@ def test_llava_half(quickstart, tiny_backbones):
     assert len(curve["minutes"]) == 4 and curve["minutes"] == sorted(curve["minutes"])
 
 
-def test_the_qformer_bridge_pretrains_a_qformer_then_instruction_tunes_it(tiny_backbones, tiny, tmp_path):
-    stage1, instructblip, variants = tiny.qformer_recipes(tmp_path)
+def test_the_qformer_bridges_share_stage_1_and_run_their_studies(tiny_backbones, tiny, tmp_path):
+    recipes = tiny.quickstart_recipes(tmp_path)
     out = tmp_path / "qs"
-    data = run_quickstart(QuickstartOptions(out=out, backbones=tiny_backbones, bridges=("qformer",),
-                                            qformer_stage1_recipe=stage1, instructblip_recipe=instructblip,
-                                            qformer_studies=True, ablation_recipes=variants, progress=False))
+    data = run_quickstart(QuickstartOptions(out=out, backbones=tiny_backbones, bridges=("crome", "qformer", "partial_lora"),
+                                            recipes=recipes, studies=True, progress=False))
     retrieval = data["metrics"]["blip2_stage1"]
     for method in ("itc", "itm"):
         assert 0.0 <= retrieval[f"{method}_recall_at_1"] <= retrieval[f"{method}_recall_at_5"] <= 1.0
-    instruct = data["metrics"]["instructblip"]
-    for prefix in ("", "blind."):
-        assert 0.0 <= instruct[f"{prefix}held_in_mean"] <= 1.0 and 0.0 <= instruct[f"{prefix}held_out_mean"] <= 1.0
+    for name in ("instructblip", "crome", "partial_lora"):
+        metrics = data["metrics"][name]
+        for prefix in ("", "blind."):
+            assert 0.0 <= metrics[f"{prefix}held_in_mean"] <= 1.0 and 0.0 <= metrics[f"{prefix}held_out_mean"] <= 1.0
     assert "llava" not in data["metrics"]
-    config = yaml.safe_load((out / "instructblip/config.yaml").read_text())
-    assert config["model"]["connector"]["init"] == str(out / "blip2_stage1")
-    assert config["model"]["llm"] == str(tiny_backbones / "lm")
+    for name in ("instructblip", "crome"):  # both from the one stage 1, made once
+        config = yaml.safe_load((out / f"{name}/config.yaml").read_text())
+        assert config["model"]["connector"]["init"] == str(out / "blip2_stage1")
+        assert config["model"]["llm"] == str(tiny_backbones / "lm")
     assert yaml.safe_load((out / "blip2_stage1/config.yaml").read_text())["tokenizer"] == str(tiny_backbones / "tokenizer")
     markdown = (out / "report.md").read_text()
-    assert "## BLIP-2 stage 1" in markdown and "## InstructBLIP" in markdown
+    assert markdown.count("## BLIP-2 stage 1") == 1 and "## InstructBLIP" in markdown and "## CROME" in markdown
     assert f"| image->text R@1 | {retrieval['itc_recall_at_1']:.3f} | {retrieval['itm_recall_at_1']:.3f} |" in markdown
-    assert {"blip2 stage 1 (train + evaluate)", "instructblip (train + evaluate)"} <= set(data["timings_s"])
-    # the studies: each ablation variant trains only its instruct stage, from InstructBLIP's generative model
+    assert {"blip2 stage 1 (train + evaluate)", "instructblip (train + evaluate)", "crome (train + evaluate)",
+            "partial_lora (train + evaluate)"} <= set(data["timings_s"])
+    # the bridges run in a fixed order, whatever order they were asked for
+    assert markdown.index("## InstructBLIP\n") < markdown.index("## CROME\n") < markdown.index("## Partial LoRA")
+
+    # InstructBLIP's studies: each ablation variant trains only its instruct stage, from InstructBLIP's generative model
     for name in ("multitask_plain", "multitask_prefix"):
         config = yaml.safe_load((out / f"ablation_{name}/config.yaml").read_text())
         assert [s["name"] for s in config["stages"]] == ["instruct"]
@@ -125,12 +130,38 @@ def test_the_qformer_bridge_pretrains_a_qformer_then_instruction_tunes_it(tiny_b
     assert skipped["model"]["connector"]["init_weights"] is False and len(skipped["stages"]) == 2
     assert "## InstructBLIP studies" in markdown
     plain = data["metrics"]["multitask_plain"]
-    assert f"| multitask plain | {plain['held_out.comparison']:.3f} |" in (out / "report.md").read_text()
+    assert f"| multitask plain | {plain['held_out.comparison']:.3f} |" in markdown
+
+    # CROME's study: the whole bridge fine-tuned in stage (c) from the same instruction-tuned model
+    whole = yaml.safe_load((out / "crome_bridge_finetune/config.yaml").read_text())
+    assert [s["name"] for s in whole["stages"]] == ["task"]
+    assert whole["stages"][0]["init"] == str(out / "crome/03_instruct/model")
+    adapter_only = json.loads((out / "crome/04_task/summary.json").read_text())["trainable_parameters"]
+    whole_bridge = json.loads((out / "crome_bridge_finetune/01_task/summary.json").read_text())["trainable_parameters"]
+    assert adapter_only == 5 * 32 * 4 < whole_bridge  # 5·d·m: d = 32 (the tiny LM), m = 4
+    family = yaml.safe_load(recipes["crome"].read_text())["stages"][3]["data"]["path"].split("/")[-2]
+    instructed = data["metrics"]["crome_instructed"]
+    assert "## CROME task fine-tuning" in markdown
+    for label, flat, parameters in (("instruction-tuned, no task fine-tuning", instructed, 0),
+                                    ("task fine-tuning: the adapter alone", data["metrics"]["crome"], adapter_only),
+                                    ("task fine-tuning: the whole bridge", data["metrics"]["crome_bridge_finetune"],
+                                     whole_bridge)):
+        assert (f"| {label} | " in markdown and f" | {parameters:,} | {flat[f'held_in.{family}']:.3f} | "
+                f"{flat['held_in_mean']:.3f} | {flat['held_out_mean']:.3f} |" in markdown), label
+
+    # the comparison: one row per bridge, with what each stage trains
+    assert "## Bridges compared" in markdown
+    for title, name in (("InstructBLIP", "instructblip"), ("CROME", "crome"), ("Partial LoRA", "partial_lora")):
+        flat = data["metrics"][name]
+        assert f"| {title} | {flat['held_in_mean']:.3f} | {flat['blind.held_in_mean']:.3f} |" in markdown, title
+    assert f"task {adapter_only}" in markdown  # CROME's last stage, in its stage list
 
 
-def test_an_unknown_bridge_is_named(tmp_path):
-    with pytest.raises(ValueError, match="unknown bridge.*clip.*valid: llava, qformer"):
+def test_an_unknown_bridge_or_recipe_name_is_named(tmp_path):
+    with pytest.raises(ValueError, match="unknown bridge.*clip.*valid: llava, qformer, crome, partial_lora, flamingo"):
         QuickstartOptions(out=tmp_path, bridges=("clip",))
+    with pytest.raises(ValueError, match="unknown recipe name.*lava.*valid: llava, blip2_stage1"):
+        QuickstartOptions(out=tmp_path, recipes={"lava": tmp_path / "x.yaml"})
 
 
 def test_missing_backbones_is_a_clear_error(tmp_path):

@@ -177,6 +177,15 @@ def _progress_eval(cfg: WorldEval, loaded: LoadedVlm):
     return evaluate
 
 
+def evaluate_on_world(loaded: LoadedVlm, cfg: WorldEval, blind_baseline: bool | None = None) -> dict:
+    """{'vqa': ...} on cfg's world and split, and 'blind' too where `blind_baseline` (default: cfg's) says."""
+    ask = dict(split=cfg.split, limit_per_family=cfg.limit_per_family, **_asking(cfg))
+    metrics = {"vqa": evaluate_vqa_on_world(loaded, cfg.world, **ask)}
+    if cfg.blind_baseline if blind_baseline is None else blind_baseline:
+        metrics["blind"] = evaluate_vqa_on_world(loaded, cfg.world, blind=True, **ask)
+    return metrics
+
+
 def _asking(cfg: WorldEval) -> dict:
     """How questions are put: prompt format, decoding, candidate ranking."""
     return {"template": cfg.template, "generation": cfg.generation, "rank_candidates": cfg.rank_candidates}
@@ -205,10 +214,7 @@ def run_vlm(recipe: VlmRecipe, run_dir: str | Path, progress: bool = True) -> di
         stages[stage.name] = run_stage(loaded, stage, out, progress, _progress_eval(recipe.eval, loaded), dist)
     metrics: dict = {}
     if recipe.eval.world and dist.is_main:
-        ask = dict(split=recipe.eval.split, limit_per_family=recipe.eval.limit_per_family, **_asking(recipe.eval))
-        metrics["vqa"] = evaluate_vqa_on_world(loaded, recipe.eval.world, **ask)
-        if recipe.eval.blind_baseline:
-            metrics["blind"] = evaluate_vqa_on_world(loaded, recipe.eval.world, blind=True, **ask)
+        metrics = evaluate_on_world(loaded, recipe.eval)
         write_json(run_dir / "metrics.json", metrics)
     return {"metrics": metrics, "stages": stages, "model": str(stage_dir(run_dir, len(recipe.stages) - 1,
                                                                          recipe.stages[-1]) / "model")}

@@ -93,7 +93,7 @@ def test_the_crome_stages_train_what_they_name_and_the_last_saves_only_the_adapt
     assert sizes == [count(qformer | projection), count(adapter | projection), count(connector), count(adapter)]
     assert sizes[3] == adapter_parameter_count(32, BOTTLENECK)  # the tiny LLM is 32 wide
     metrics = json.loads((run / "metrics.json").read_text())
-    assert 0.0 <= metrics["vqa"]["held_in"]["position"] <= 1.0 and result["model"].endswith("04_task/model")
+    assert 0.0 <= metrics["vqa"]["held_in"]["shape"] <= 1.0 and result["model"].endswith("04_task/model")
 
     # The comparison: stage (c) fine-tunes the whole bridge instead, from the same three stages.
     other = tmp_path / "bridge"
@@ -104,7 +104,7 @@ def test_the_crome_stages_train_what_they_name_and_the_last_saves_only_the_adapt
     assert json.loads((other / "04_task/summary.json").read_text())["trainable_parameters"] == count(connector)
     assert set(load_file(other / "04_task/model/weights.safetensors")) == connector
     assert "base" not in yaml.safe_load((other / "04_task/model/vlm.yaml").read_text())
-    assert "position" in json.loads((other / "metrics.json").read_text())["vqa"]["held_in"]
+    assert "shape" in json.loads((other / "metrics.json").read_text())["vqa"]["held_in"]
 
 
 def _trains(stage) -> tuple:
@@ -128,7 +128,7 @@ def test_the_shapes_crome_recipe_and_its_whole_bridge_variant_parse():
     for captions in (generative, pretrain):
         assert captions.data.path == "{world}/captions/train.json" and captions.data.template is None  # the LM's own
     assert [s.path for s in instruct.data.sources] == [f"{{world}}/tasks/{f}/train.json" for f in HELD_IN]
-    assert instruct.train.batch_size == 16 and finetune.data.path == "{world}/tasks/position/train.json"
+    assert instruct.train.batch_size == 16 and finetune.data.path == "{world}/tasks/shape/train.json"
     assert all(s.cache_vision_features for s in crome.stages) and crome.eval.rank_candidates
 
     task, bridge = load_recipe(REPO / "configs/shapes/crome_bridge_finetune.yaml", ["world=w"])
