@@ -22,6 +22,7 @@ import torch
 from transformers import DynamicCache, EncoderDecoderCache, StaticCache
 from transformers.modeling_outputs import BaseModelOutput
 
+from .greedy_head import MIN_ROWS, greedy_head
 from .layout import use_cpu_decoding_layout
 
 
@@ -115,15 +116,30 @@ class _Decoder:
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B] -> next-token logits [B, V]."""
+        self.logits = self._forward(self.model, ids).logits[:, -1].float()
+        return self.logits
+
+    def step_greedy(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B] -> every row's greedy next token [B]: `step(ids).argmax(-1)`, without the fp32 logits
+        where the head is large and the rows several (infer/greedy_head.py). `logits` is then not kept."""
+        head = greedy_head(self.model) if ids.shape[0] >= MIN_ROWS else None
+        if head is None:
+            return self.step(ids).argmax(-1)
+        hidden = self._forward(self.model.base_model, ids).last_hidden_state[:, -1]
+        self.logits = None
+        with torch.inference_mode():
+            return head.argmax(hidden)
+
+    def _forward(self, module, ids: torch.Tensor):
+        """Feed one new token per row to `module` (the LM, or its base model) through the cache."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
         with torch.inference_mode(), _applying(self.context):
-            out = self.model(input_ids=ids[:, None], attention_mask=self.mask, position_ids=self.next_position,
-                             past_key_values=self.cache, use_cache=True,
-                             cache_position=torch.tensor([self.written], device=ids.device))
+            out = module(input_ids=ids[:, None], attention_mask=self.mask, position_ids=self.next_position,
+                         past_key_values=self.cache, use_cache=True,
+                         cache_position=torch.tensor([self.written], device=ids.device))
         self.written += 1
         self.next_position = self.next_position + 1
-        self.logits = out.logits[:, -1].float()
-        return self.logits
+        return out
 
     def reorder(self, rows: torch.Tensor) -> None:
         with torch.inference_mode():
@@ -170,6 +186,9 @@ class _Seq2SeqDecoder:
                              decoder_input_ids=ids[:, None], past_key_values=self.cache, use_cache=True)
         self.logits = out.logits[:, -1].float()
         return self.logits
+
+    def step_greedy(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.step(ids).argmax(-1)
 
     def reorder(self, rows: torch.Tensor) -> None:
         with torch.inference_mode():
@@ -230,17 +249,17 @@ def stream_tokens(model, inputs_embeds: torch.Tensor, attention_mask: torch.Tens
     generator = sampling_generator(cfg, inputs_embeds.device)
     decoder = open_decoder(model, inputs_embeds, attention_mask,
                             max_length=inputs_embeds.shape[1] + cfg.max_new_tokens, context=context)
-    logits = decoder.logits
     finished = torch.zeros(inputs_embeds.shape[0], dtype=torch.bool, device=inputs_embeds.device)
+    ids = next_tokens(decoder.logits, cfg, generator)
     for step in range(cfg.max_new_tokens):
-        ids = next_tokens(logits, cfg, generator)
         if eos_token_id is not None:
             ids = ids.masked_fill(finished, eos_token_id)
             finished |= ids == eos_token_id
         yield ids
         if bool(finished.all()) or step == cfg.max_new_tokens - 1:
             return
-        logits = decoder.step(ids)
+        # greedy decoding needs only the argmax of the logits, which step_greedy finds without them
+        ids = next_tokens(decoder.step(ids), cfg, generator) if cfg.do_sample else decoder.step_greedy(ids)
 
 
 def _beam_search(model, inputs_embeds, attention_mask, cfg: GenerationConfig, eos_token_id,
