@@ -47,8 +47,9 @@ def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 
 
 def _laid_out(template: _Decoder, held: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor,
-              next_position: torch.Tensor, logits: torch.Tensor, context, room: int) -> _Decoder:
-    """A decoder over these keys and values, in a buffer with `room` free columns after them."""
+              next_position: torch.Tensor, context, room: int) -> _Decoder:
+    """A decoder over these keys and values, in a buffer with `room` free columns after them. Its rows'
+    next tokens are already chosen, so it holds no logits until its next step."""
     decoder = object.__new__(_Decoder)
     decoder.model = template.model
     width = mask.shape[1]
@@ -56,7 +57,7 @@ def _laid_out(template: _Decoder, held: list[tuple[torch.Tensor, torch.Tensor]],
     with torch.inference_mode():
         for layer, (keys, values) in zip(decoder.cache.layers, held):
             layer.update(keys, values)  # allocates the buffer, writes columns [0, width)
-    decoder.mask, decoder.next_position, decoder.logits = mask, next_position, logits
+    decoder.mask, decoder.next_position, decoder.logits = mask, next_position, None
     decoder.written = width
     decoder.context = context
     decoder.capacity = width + room
@@ -73,8 +74,7 @@ def join(decoders: list[_Decoder], room: int) -> _Decoder:
     context = None if first.context is None else (
         first.context if len(decoders) == 1 else type(first.context).join([d.context for d in decoders]))
     return _laid_out(first, held, torch.cat([_pad_left(d.mask, width, 1) for d in decoders]),
-                     torch.cat([d.next_position for d in decoders]), torch.cat([d.logits for d in decoders]),
-                     context, room)
+                     torch.cat([d.next_position for d in decoders]), context, room)
 
 
 def keep(decoder: _Decoder, rows: list[int], room: int) -> _Decoder:
@@ -84,8 +84,7 @@ def keep(decoder: _Decoder, rows: list[int], room: int) -> _Decoder:
     unused = int(mask.any(0).long().argmax())  # leading columns masked in every kept row
     held = [(keys[index, :, unused:], values[index, :, unused:]) for keys, values in _held(decoder)]
     context = None if decoder.context is None else decoder.context.select(index)
-    return _laid_out(decoder, held, mask[:, unused:], decoder.next_position[index], decoder.logits[index], context,
-                     room)
+    return _laid_out(decoder, held, mask[:, unused:], decoder.next_position[index], context, room)
 
 
 def has_room(decoder: _Decoder) -> bool:

@@ -234,7 +234,7 @@ class GenerationEngine:
         request.prompt_tokens = prompts.lengths[0]
         row = _Row(request, ReplyText(loaded.tokenizer, request.cfg.stop),
                    sampling_generator(request.cfg, prompts.embeds.device))
-        if self._advance(row, decoder.logits):
+        if self._advance(row, int(next_tokens(decoder.logits, request.cfg, row.generator)[0])):
             return
         self._rows.append(row)
         joining = [decoder] if self._decoder is None else [self._decoder, decoder]
@@ -248,31 +248,35 @@ class GenerationEngine:
         return max(1, min(left, ROOM_CHUNK))
 
     def _step(self) -> None:
-        ids = torch.tensor([row.pending for row in self._rows], device=self._decoder.logits.device)
+        ids = torch.tensor([row.pending for row in self._rows], device=self._decoder.mask.device)
         try:
             if self.batches and not has_room(self._decoder):
                 self._decoder = with_room(self._decoder, self._room())
-            logits = self._decoder.step(ids)
+            if any(row.request.cfg.do_sample for row in self._rows):
+                logits = self._decoder.step(ids)
+                tokens = [int(next_tokens(logits[i:i + 1], row.request.cfg, row.generator)[0])
+                          for i, row in enumerate(self._rows)]
+            else:  # every row greedy: the argmax without the logits (infer/greedy_head.py)
+                tokens = self._decoder.step_greedy(ids).tolist()
         except Exception as error:
             log.exception("a decoding step failed; failing its %d request(s)", len(self._rows))
             for row in self._rows:
                 row.request.listener.failed(error)
             self._rows, self._decoder = [], None
             return
-        going_on = [index for index, row in enumerate(self._rows) if not self._advance(row, logits[index:index + 1])]
+        going_on = [index for index, row in enumerate(self._rows) if not self._advance(row, tokens[index])]
         if len(going_on) < len(self._rows):
             self._rows = [self._rows[index] for index in going_on]
             self._decoder = keep(self._decoder, going_on, self._room()) if going_on else None
 
-    def _advance(self, row: _Row, logits: torch.Tensor) -> bool:
-        """Pick the row's next token from its logits [1, V] and report it; True when the row is finished."""
+    def _advance(self, row: _Row, token: int) -> bool:
+        """Report the row's next token; True when the row is finished."""
         request, reply = row.request, row.reply
         if request.cancelled:
             return True
         if time.monotonic() > request.deadline:
             request.listener.failed(RequestTimeout(f"the request ran longer than its {request.timeout_s:g} s limit"))
             return True
-        token = int(next_tokens(logits, request.cfg, row.generator)[0])
         finish = None
         if token == self.loaded.tokenizer.eos_token_id:
             finish = "stop"

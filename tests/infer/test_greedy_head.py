@@ -93,8 +93,8 @@ def test_greedy_generation_keeps_its_tokens_through_the_bounded_head(monkeypatch
     assert len(calls) == 23  # every step after the prompt's
     assert bounded == plain and len({token for row in plain for token in row}) > 10
     # a single row keeps the fp32 product, as fast there
-    alone = generate(model, torch.randn(1, 5, 32), torch.ones(1, 5, dtype=torch.long), GenerationConfig(max_new_tokens=4),
-                     eos_token_id=None)
+    alone = generate(model, torch.randn(1, 5, 32), torch.ones(1, 5, dtype=torch.long),
+                     GenerationConfig(max_new_tokens=4), eos_token_id=None)
     assert len(calls) == 23 and len(alone.tokens[0]) == 4
 
 

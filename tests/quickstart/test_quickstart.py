@@ -93,8 +93,8 @@ def test_llava_half(quickstart, tiny_backbones):
 def test_the_qformer_bridges_share_stage_1_and_run_their_studies(tiny_backbones, tiny, tmp_path):
     recipes = tiny.quickstart_recipes(tmp_path)
     out = tmp_path / "qs"
-    data = run_quickstart(QuickstartOptions(out=out, backbones=tiny_backbones, bridges=("crome", "qformer", "partial_lora"),
-                                            recipes=recipes, studies=True, progress=False))
+    data = run_quickstart(QuickstartOptions(out=out, backbones=tiny_backbones, recipes=recipes, studies=True,
+                                            bridges=("crome", "qformer", "partial_lora"), progress=False))
     retrieval = data["metrics"]["blip2_stage1"]
     for method in ("itc", "itm"):
         assert 0.0 <= retrieval[f"{method}_recall_at_1"] <= retrieval[f"{method}_recall_at_5"] <= 1.0

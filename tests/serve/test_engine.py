@@ -10,6 +10,7 @@ from PIL import Image
 
 import bridgevlm
 from bridgevlm.config import from_dict
+from bridgevlm.infer import greedy_head
 from bridgevlm.infer.generate import GenerationConfig
 from bridgevlm.infer.pipeline import answer
 from bridgevlm.models.assemble import VlmConfig, build_vlm
@@ -77,8 +78,14 @@ def _served(loaded, cases, budgets, max_batch):
     return asked, engine
 
 
-@pytest.mark.parametrize("max_batch", [1, 2, 8])
-def test_concurrent_replies_equal_replies_alone(saved_vlm, max_batch):
+@pytest.mark.parametrize("max_batch,bounded_head", [(1, False), (2, False), (8, False), (8, True)])
+def test_concurrent_replies_equal_replies_alone(saved_vlm, max_batch, bounded_head, monkeypatch):
+    calls = []
+    if bounded_head:  # the greedy argmax through the bounded bfloat16 head, small as this one is
+        monkeypatch.setattr(greedy_head, "MIN_HEAD_WEIGHTS", 0)
+        argmax = greedy_head.BoundedArgmaxHead.argmax
+        monkeypatch.setattr(greedy_head.BoundedArgmaxHead, "argmax",
+                            lambda head, hidden: calls.append(1) or argmax(head, hidden))
     path, images = saved_vlm
     loaded = bridgevlm.load(path)
     cases = _conversations(images)
@@ -96,6 +103,7 @@ def test_concurrent_replies_equal_replies_alone(saved_vlm, max_batch):
         assert listener.completion.completion_tokens <= budget
         assert listener.completion.prompt_tokens == request.prompt_tokens > 0
     assert replies[-1].finish_reason == "length" and replies[-1].completion_tokens == 1
+    assert bool(calls) == bounded_head
 
 
 @pytest.mark.parametrize("connector", [
