@@ -42,7 +42,7 @@ def _train_bridge(run: BridgeRun, recipe: VlmRecipe, source: Path, name: str, ti
     it joins the bridges compared. Returns the run's result with its flat metrics under "flat" and the
     recipe under "recipe"."""
     say(run.options, f"{title} on the backbones: {len(recipe.stages)} stages "
-                      f"({', '.join(s.name for s in recipe.stages)}) from {source}")
+                     f"({', '.join(s.name for s in recipe.stages)}) from {source}")
     step_start = time.time()
     result = run_vlm(recipe, run.out / name, progress=run.options.progress)
     run.report.add_timing(f"{name} (train + evaluate)", time.time() - step_start)
@@ -82,7 +82,7 @@ def _blip2_stage1(run: BridgeRun) -> None:
         "InstructBLIP and CROME start from this Q-Former."),
         [markdown_table(["retrieval", "ITC", "ITC + ITM re-ranked"], rows)]))
     say(run.options, f"BLIP-2 stage 1 image->text R@1: ITC {retrieval.get('itc_recall_at_1', float('nan')):.3f}, "
-                      f"ITC+ITM {retrieval.get('itm_recall_at_1', float('nan')):.3f}")
+                     f"ITC+ITM {retrieval.get('itm_recall_at_1', float('nan')):.3f}")
 
 
 def _run_qformer(run: BridgeRun) -> str:
