@@ -155,6 +155,9 @@ def test_the_qformer_bridges_share_stage_1_and_run_their_studies(tiny_backbones,
         flat = data["metrics"][name]
         assert f"| {title} | {flat['held_in_mean']:.3f} | {flat['blind.held_in_mean']:.3f} |" in markdown, title
     assert f"task {adapter_only}" in markdown  # CROME's last stage, in its stage list
+    log = [json.loads(line) for line in (out / "blip2_stage1/metrics.jsonl").read_text().splitlines()]
+    minutes = sum(record["seconds"] for record in log if "loss" in record) / 60
+    assert f"BLIP-2 stage 1 ({minutes:.1f} training minutes, made once and shared)" in markdown
 
 
 def test_an_unknown_bridge_or_recipe_name_is_named(tmp_path):
